@@ -1,0 +1,30 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv themselves.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SMOLLM2_DIR ?= .cache/smollm2-135m-instruct
+CONFIG ?= configs/demo.yaml
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev,convert,math]'
+	touch $(STAMP)
+
+.PHONY: setup demo test smollm2 bench lint
+setup: $(STAMP)
+
+$(SMOLLM2_DIR)/config.json: | $(STAMP)
+	$(VPY) scripts/convert_smollm2.py --out $(SMOLLM2_DIR)
+
+smollm2: $(SMOLLM2_DIR)/config.json
+
+demo: $(STAMP)
+	$(VPY) -m jopd.main --config $(CONFIG)
+
+test: $(STAMP) smollm2
+	JOPD_SMOLLM2_DIR=$(abspath $(SMOLLM2_DIR)) $(VPY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VPY) -m ruff check jopd scripts tests

@@ -1,0 +1,227 @@
+"""Grain input pipeline over a `RolloutStore`: deterministic, shardable, resumable.
+
+Pipeline (all index arithmetic, so any step can be reached without replaying the previous ones)::
+
+    MapDataset.source(RolloutSource)          N rows
+      .shuffle(seed)                          per-epoch permutation (Grain folds the epoch into the seed)
+      [:E] or pad to E                        E = epoch length, a multiple of global_batch_size
+      [process_index::process_count]          this process's E / process_count rows of every epoch
+      .repeat(num_epochs)                     epoch e reads shuffle epoch e -> reshuffled every epoch
+      .to_iter_dataset(read_options)          threaded, order-preserving prefetch
+      .batch(global_batch_size // process_count)
+
+Because E is a multiple of the global batch, no batch straddles an epoch and every process yields the same
+number of batches. Global batch s is always epoch positions [s*G, (s+1)*G) whatever the process count, so the
+set of rows in a global batch does not depend on how many hosts read it. With drop_remainder=True, E = N rounded
+down (the dropped rows differ per epoch); with drop_remainder=False, E = N rounded up and the extra rows are all
+zeros (response_mask 0, row_index -1), so shapes stay static and the loss ignores them.
+
+The iterator's `get_state()` is a small JSON-serialisable dict; `set_state()` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import grain
+import jax
+import numpy as np
+
+from jopd.data.store import ARRAYS, RolloutStore, StoreError
+
+DEFAULT_FIELDS = ("tokens", "response_mask", "teacher_logprobs", "behaviour_logprobs")
+TOPK_FIELDS = ("teacher_topk_ids", "teacher_topk_logprobs")
+ROW_INDEX = "row_index"  # optional computed field: int32 [] store row of the example (-1 for padding rows)
+SEQ_LEN_BUCKET = 64
+
+
+def round_seq_len(longest: int, max_len: int, bucket: int = SEQ_LEN_BUCKET) -> int:
+    """The static sequence length for rows of at most `longest` tokens: rounded up to `bucket`, capped at L."""
+    return min(max_len, -(-longest // bucket) * bucket)
+
+
+def epoch_steps(num_rows: int, global_batch_size: int, drop_remainder: bool = True) -> int:
+    """Number of global batches per epoch for a store of `num_rows` rows."""
+    return num_rows // global_batch_size if drop_remainder else -(-num_rows // global_batch_size)
+
+
+class RolloutSource:
+    """Grain random-access source: row i of a store as a dict of numpy arrays.
+
+    Per-token fields are [seq_len] (top-k [seq_len, k]), per-row fields are scalars, `response_mask` is int32.
+    Picklable: TensorStore handles are opened lazily in each process (and reopened after a fork).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None, *,
+                 seq_len: int | Literal["auto"] | None = None, cache_bytes: int = 64 << 20):
+        """Validates the store and resolves `seq_len` once, so every worker sees the same static shapes.
+
+        Args:
+          path: store directory.
+          fields: names to return (store arrays, "response_mask", "row_index"); default DEFAULT_FIELDS plus the
+            top-k arrays when the store has them.
+          seq_len: None -> L; "auto" -> longest row rounded up to a multiple of 64; int -> that length (must be
+            >= the longest row, so nothing is silently cut).
+          cache_bytes: TensorStore decoded-chunk cache per process; rows of one chunk share one decode.
+        """
+        self._path = os.path.abspath(os.fspath(path))
+        self._cache_bytes = int(cache_bytes)
+        store = RolloutStore.open(self._path, "r", cache_bytes=self._cache_bytes)
+        if fields is None:
+            fields = DEFAULT_FIELDS + (TOPK_FIELDS if store.topk > 0 else ())
+        self._fields = tuple(fields)
+        unknown = [f for f in self._fields if f not in store.fields + (ROW_INDEX,)]
+        if unknown or len(set(self._fields)) != len(self._fields):
+            raise ValueError(f"{self._path}: bad fields {list(self._fields)} (unknown: {unknown}); available: "
+                             f"{store.fields + (ROW_INDEX,)}")
+        # response_mask is computed from rollout fields; row_index needs no stored data.
+        groups = {ARRAYS[f][1] if f in ARRAYS else "rollout" for f in self._fields if f != ROW_INDEX}
+        for group in sorted(groups):
+            if not store.is_complete(group):
+                missing = sorted(set(range(store.num_chunks)) - set(store.done_chunks(group)))
+                raise StoreError(f"{self._path}: cannot load fields {list(self._fields)}: {group!r} group is "
+                                 f"incomplete, chunks {missing[:20]} not written")
+        if seq_len is None:
+            seq_len = store.max_len
+        elif seq_len == "auto":
+            seq_len = round_seq_len(store.max_row_len(), store.max_len)
+        elif not isinstance(seq_len, int) or not store.max_row_len() <= seq_len <= store.max_len:
+            raise ValueError(f"{self._path}: seq_len must be 'auto', None or an int in [longest row = "
+                             f"{store.max_row_len()}, max_len = {store.max_len}], got {seq_len!r}")
+        self._seq_len = int(seq_len)
+        self._num_rows, self._topk = store.num_rows, store.topk
+        self._store: RolloutStore | None = store
+        self._pid = os.getpid()
+
+    @property
+    def seq_len(self) -> int:
+        """Static length of every per-token field."""
+        return self._seq_len
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self._fields
+
+    def _get_store(self) -> RolloutStore:
+        # TensorStore handles are not fork-safe: reopen in a new process (Grain workers, pickled copies).
+        if self._store is None or self._pid != os.getpid():
+            self._store = RolloutStore.open(self._path, "r", cache_bytes=self._cache_bytes)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        # Stable (no handle ids), since Grain may compare source reprs when restoring iterator state.
+        return f"RolloutSource(path={self._path!r}, fields={self._fields!r}, seq_len={self._seq_len})"
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._getitems([index])[0]
+
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Batched read (one async TensorStore read per field) of rows `indices`, split into per-row dicts."""
+        stored = [f for f in self._fields if f != ROW_INDEX]
+        rows = self._get_store().read_rows(indices, stored, seq_len=self._seq_len)
+        if ROW_INDEX in self._fields:
+            rows[ROW_INDEX] = np.asarray(indices, dtype=np.int32)
+        return [{f: rows[f][j] for f in self._fields} for j in range(len(indices))]
+
+    def padding_row(self) -> dict[str, np.ndarray]:
+        """An all-zero row with the shapes/dtypes of a real one (row_index -1): weight 0 in any masked loss."""
+        row = {}
+        for f in self._fields:
+            if f in ("response_mask", ROW_INDEX):
+                shape, dtype = ((self._seq_len,) if f == "response_mask" else ()), np.dtype(np.int32)
+            else:
+                dtype, _, kind = ARRAYS[f]
+                shape = {"row": (), "token": (self._seq_len,), "topk": (self._seq_len, self._topk)}[kind]
+            row[f] = np.zeros(shape, dtype)
+        if ROW_INDEX in row:
+            row[ROW_INDEX] = np.full((), -1, np.int32)
+        return row
+
+
+class _PadEpochsMapDataset(grain.MapDataset):
+    """Lengthens every epoch of `parent` from len(parent) to `epoch_len` elements with trailing padding rows.
+
+    Index e * epoch_len + j maps to parent index e * len(parent) + j, so upstream per-epoch reshuffling is kept.
+    """
+
+    def __init__(self, parent: grain.MapDataset, epoch_len: int, pad: dict[str, np.ndarray]):
+        super().__init__(parent)
+        self._parent_len, self._epoch_len, self._pad = len(parent), epoch_len, pad
+
+    def __len__(self) -> int:
+        return self._epoch_len
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, j = divmod(index, self._epoch_len)
+        if j >= self._parent_len:
+            return {k: v.copy() for k, v in self._pad.items()}
+        return self._parent[epoch * self._parent_len + j]
+
+    def __str__(self) -> str:
+        return f"_PadEpochsMapDataset(epoch_len={self._epoch_len})"
+
+
+def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+                 drop_remainder: bool = True, fields: Sequence[str] | None = None,
+                 seq_len: int | Literal["auto"] | None = None, read_options: grain.ReadOptions | None = None,
+                 cache_bytes: int = 64 << 20) -> grain.IterDataset:
+    """Builds the pipeline described in the module docstring; elements are dicts of [b, ...] numpy arrays.
+
+    b = global_batch_size // process_count (must divide). process_index / process_count default to JAX's.
+    num_epochs=None repeats forever. See `RolloutSource` for `fields`, `seq_len` and `cache_bytes`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
+    source = RolloutSource(store_path, fields, seq_len=seq_len, cache_bytes=cache_bytes)
+    steps = epoch_steps(len(source), global_batch_size, drop_remainder)
+    if steps == 0:
+        raise ValueError(f"{store_path}: {len(source)} rows < global_batch_size={global_batch_size} with "
+                         f"drop_remainder=True: an epoch would have no batch")
+    epoch_len = steps * global_batch_size
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds[:epoch_len] if epoch_len <= len(source) else _PadEpochsMapDataset(ds, epoch_len, source.padding_row())
+    ds = ds[process_index::process_count].repeat(num_epochs)
+    if read_options is None:
+        read_options = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(64, 2 * global_batch_size))
+    local_batch = global_batch_size // process_count
+    return ds.to_iter_dataset(read_options).batch(local_batch, drop_remainder=True)
+
+
+def make_loader(store_path: str | os.PathLike[str], *, global_batch_size: int, seed: int, shuffle: bool = True,
+                num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+                drop_remainder: bool = True, fields: Sequence[str] | None = None,
+                seq_len: int | Literal["auto"] | None = None, read_options: grain.ReadOptions | None = None,
+                cache_bytes: int = 64 << 20) -> grain.DatasetIterator:
+    """`iter(make_dataset(...))`: a checkpointable iterator (get_state() / set_state(), JSON-serialisable)."""
+    return iter(make_dataset(store_path, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                             num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+                             drop_remainder=drop_remainder, fields=fields, seq_len=seq_len,
+                             read_options=read_options, cache_bytes=cache_bytes))

@@ -1,0 +1,414 @@
+"""Loss functions for Lightning OPD (offline on-policy distillation) and SFT.
+
+All per-token inputs are ``[B, T]`` arrays aligned with token positions (see ``docs/CONTRACTS.md``):
+``x[:, t]`` refers to token ``t`` and ``response_mask[:, t] == 1`` marks the response tokens, which are the
+only ones that count. Values at non-response positions are ignored entirely (they are replaced by 0 before
+any arithmetic, so padding may even hold ``-inf``/NaN without poisoning the loss or its gradient).
+
+On-policy distillation uses the per-token advantage
+
+    A_t = log p_teacher(y_t | s_t) - log p_old(y_t | s_t),
+
+i.e. the negative of the single-sample reverse-KL estimate ``log p_old - log p_teacher``, as a policy-gradient
+advantage inside a PPO-style clipped surrogate. In Lightning OPD the teacher log-probs are precomputed and the
+rollouts are fixed (sampled once by the SFT student, the *behaviour* policy). With one optimizer update per
+batch the "old" policy is the current one, so ``opd_loss`` defaults to ``old = stop_gradient(student)``: the
+ratio is exactly 1 in the forward pass and the whole step is one fused forward/backward pass.
+
+Gradient accumulation
+---------------------
+Both aggregations are means, so naively averaging micro-batch losses does not reproduce the full-batch loss
+when micro-batches hold different numbers of tokens / sequences. Instead, compute the full-batch
+denominators once with :func:`loss_denominators` and pass them as ``num_tokens`` / ``num_seqs`` to every
+micro-batch call; each call then returns that micro-batch's *share* of the full-batch loss, and the **sum**
+(not the mean) of the micro-batch losses and gradients equals the full-batch loss and gradient exactly.
+
+All functions are pure and jit-friendly: string / float options are static Python values (validated eagerly,
+so pass them via ``functools.partial`` or ``static_argnames`` under ``jax.jit``); ``num_tokens`` / ``num_seqs``
+may be traced arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Aggregation",
+    "aggregate",
+    "loss_denominators",
+    "low_var_kl",
+    "opd_loss",
+    "sft_loss",
+]
+
+Aggregation = Literal["token_mean", "seq_mean"]
+_AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+
+# Added to the advantage variance before the rsqrt so that a (near-)constant advantage does not blow up.
+_NORM_EPS = 1e-8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+def _check_aggregation(mode: str) -> None:
+    if mode not in _AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; expected one of {_AGGREGATIONS}")
+
+
+def _check_shapes(response_mask: jax.Array, **arrays: jax.Array | None) -> None:
+    """Shapes are static, so mismatches are reported eagerly (also under ``jit``)."""
+    if jnp.ndim(response_mask) != 2:
+        raise ValueError(f"response_mask must be [B, T], got shape {jnp.shape(response_mask)}")
+    for name, x in arrays.items():
+        if x is not None and jnp.shape(x) != jnp.shape(response_mask):
+            raise ValueError(
+                f"{name} has shape {jnp.shape(x)} but response_mask has shape {jnp.shape(response_mask)}"
+            )
+
+
+def _compute_dtype(*arrays: jax.Array | None) -> jnp.dtype:
+    """At least float32; float64 inputs (under x64) stay float64 so tests can check gradients precisely."""
+    dtype = jnp.dtype(jnp.float32)
+    for x in arrays:
+        if x is not None:
+            dtype = jnp.promote_types(dtype, jnp.result_type(x))
+    return dtype
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` where ``den > 0``, else 0 -- with a finite gradient in both branches (double-where)."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``x`` over ``mask`` (both [B, T]); 0 when the mask is empty."""
+    return _safe_div(jnp.sum(x * mask), jnp.sum(mask))
+
+
+def _metric(x: jax.Array) -> jax.Array:
+    """Metrics are logged, never differentiated, and always float32 scalars."""
+    return jax.lax.stop_gradient(x).astype(jnp.float32)
+
+
+def loss_denominators(response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Full-batch denominators for exact gradient accumulation.
+
+    Call this on the *full* batch's mask before splitting it into micro-batches, and pass the results as
+    ``num_tokens`` / ``num_seqs`` to every micro-batch call of :func:`aggregate`, :func:`opd_loss` or
+    :func:`sft_loss`; then sum (do not average) the micro-batch losses and gradients.
+
+    Args:
+      response_mask: [B, T] full-batch response mask (bool / int / float, 1 on response tokens).
+
+    Returns:
+      ``(num_tokens, num_seqs)``: float32 scalars -- the number of response tokens, and the number of
+      sequences that have at least one response token (the only ones ``seq_mean`` counts).
+    """
+    m = jnp.asarray(response_mask).astype(jnp.float32)
+    num_tokens = jnp.sum(m)
+    num_seqs = jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))
+    return num_tokens, num_seqs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------------------
+def aggregate(
+    per_token: jax.Array,
+    response_mask: jax.Array,
+    mode: Aggregation = "token_mean",
+    *,
+    num_tokens: jax.Array | float | None = None,
+    num_seqs: jax.Array | float | None = None,
+) -> jax.Array:
+    """Reduce a per-token quantity to a scalar over the response tokens.
+
+    Modes:
+      * ``"token_mean"``: ``sum(x * m) / sum(m)`` over the whole batch -- every token weighs the same.
+      * ``"seq_mean"``: each sequence's token-mean ``sum_t(x * m) / sum_t(m)``, then the mean over sequences
+        ("per-sample token-mean", the Lightning OPD setting) -- every sequence weighs the same. Sequences with
+        no response token contribute 0 and are not counted in the denominator.
+
+    An empty mask gives 0 (not NaN) in both modes.
+
+    Gradient accumulation (see the module docstring): with the full batch split into micro-batches, pass
+      * ``token_mean``: ``num_tokens`` = number of response tokens in the *full* batch;
+      * ``seq_mean``: ``num_seqs`` = number of sequences with >= 1 response token in the *full* batch. A
+        sequence's own token count needs no override: a sequence is never split across micro-batches, so its
+        token-mean is local to the micro-batch that holds it.
+    :func:`loss_denominators` computes both. The override irrelevant to ``mode`` is ignored, so callers may
+    always pass both. With an override the result is this micro-batch's share of the full-batch mean.
+
+    Args:
+      per_token: [B, T] values (float).
+      response_mask: [B, T] mask, 1 on response tokens.
+      mode: ``"token_mean"`` or ``"seq_mean"`` (static).
+      num_tokens: optional scalar override of the token-mean denominator.
+      num_seqs: optional scalar override of the seq-mean denominator.
+
+    Returns:
+      Scalar in the dtype of ``per_token`` (promoted to at least float32).
+    """
+    _check_aggregation(mode)
+    _check_shapes(response_mask, per_token=per_token)
+    dtype = _compute_dtype(per_token)
+    m = jnp.asarray(response_mask).astype(dtype)
+    # where (not just multiply) so non-finite values in padding cannot leak into the sum or its gradient.
+    x = jnp.where(m > 0, jnp.asarray(per_token).astype(dtype), 0) * m
+
+    if mode == "token_mean":
+        den = jnp.sum(m) if num_tokens is None else jnp.asarray(num_tokens, dtype)
+        return _safe_div(jnp.sum(x), den)
+
+    tokens_per_seq = jnp.sum(m, axis=-1)  # [B]
+    seq_means = _safe_div(jnp.sum(x, axis=-1), tokens_per_seq)  # [B]; 0 for empty sequences
+    if num_seqs is None:
+        den = jnp.sum((tokens_per_seq > 0).astype(dtype))
+    else:
+        den = jnp.asarray(num_seqs, dtype)
+    return _safe_div(jnp.sum(seq_means), den)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL estimator
+# ----------------------------------------------------------------------------------------------------------
+def low_var_kl(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+    """Per-token k3 ("low_var_kl") estimate of KL(pi || pi_ref) on tokens sampled from pi.
+
+    ``k3 = exp(ref - logp) - (ref - logp) - 1`` (Schulman, "Approximating KL divergence", 2020): non-negative
+    and unbiased for samples from pi. Clamped like verl / slime for numerical stability: the log-ratio to
+    [-20, 20] before the exp, the result to [-10, 10] (gradients vanish where a clamp is active).
+
+    Args:
+      logprobs: [B, T] log-probs of the sampled tokens under the trained policy.
+      ref_logprobs: [B, T] log-probs of the same tokens under the reference policy.
+
+    Returns:
+      [B, T] per-token estimate (unmasked).
+    """
+    log_ratio = jnp.clip(ref_logprobs - logprobs, -20.0, 20.0)
+    return jnp.clip(jnp.exp(log_ratio) - log_ratio - 1.0, -10.0, 10.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OPD loss
+# ----------------------------------------------------------------------------------------------------------
+def opd_loss(
+    student_logprobs: jax.Array,
+    teacher_logprobs: jax.Array,
+    response_mask: jax.Array,
+    *,
+    old_logprobs: jax.Array | None = None,
+    behaviour_logprobs: jax.Array | None = None,
+    ref_logprobs: jax.Array | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: Aggregation = "seq_mean",
+    normalize_advantages: bool = False,
+    tis_cap: float | None = None,
+    kl_coef: float = 0.0,
+    num_tokens: jax.Array | float | None = None,
+    num_seqs: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """On-policy distillation loss: PPO clipped surrogate with the teacher-minus-student advantage.
+
+    Per response token t (everything below is 0 on non-response tokens):
+
+      * ``old = stop_gradient(student)`` when ``old_logprobs`` is None (fused single pass: ratio == 1);
+      * advantage ``A = stop_gradient(teacher - old)``; optionally whitened with the masked mean / population
+        std over this call's response tokens (``normalize_advantages``, off in Lightning OPD);
+      * ratio ``r = exp(student - old)``;
+      * surrogate ``-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)``. It is implemented as an explicit
+        selection: where the clipped branch is strictly active and selected (``A > 0, r > 1 + eps_high`` or
+        ``A < 0, r < 1 - eps_low``) the token contributes a constant (zero gradient), elsewhere ``-r * A``.
+        This equals the min in value and gives the standard PPO gradient ``-r * A * d(student)`` at ties too
+        (``jnp.minimum`` would split a tie's gradient in half, which matters when an eps is 0);
+      * optional truncated importance sampling (``tis_cap``): the surrogate is multiplied by
+        ``w = stop_gradient(min(exp(old - behaviour), tis_cap))``. Use it when the rollouts were sampled from
+        a distribution other than the student's own (temperature != 1, top-p / top-k), with
+        ``behaviour_logprobs`` the log-probs under that sampling distribution (``behaviour_logprobs``
+        without ``tis_cap`` only adds the ``behaviour_*`` diagnostics, it does not reweight);
+      * optional KL penalty to a reference (SFT) policy: ``+ kl_coef * low_var_kl(student, ref)``.
+
+    The per-token total is reduced with :func:`aggregate` (``aggregation``, ``num_tokens``, ``num_seqs``;
+    see there for gradient accumulation). In the fused default the gradient w.r.t. ``student_t`` is
+    ``-w_t * A_t * m_t / denom`` (``denom`` = token count, or ``num_seqs * len_b`` for ``seq_mean``) plus the
+    KL term's.
+
+    Metrics (float32 scalars, stop-gradient, masked means over this call's response tokens; to combine
+    micro-batches weight them by ``num_tokens``, except ``behaviour_ratio_max`` (take the max) and
+    ``behaviour_ess`` (per call only)):
+      * ``advantage_mean``: mean of the raw (unnormalised) ``A`` = ``-reverse_kl``; it rises towards 0 as
+        the student approaches the teacher.
+      * ``reverse_kl``: ``mean(old - teacher)``, the single-sample estimate of KL(student || teacher) per token
+        (exact in expectation only for tokens sampled from the old/student policy).
+      * ``clip_frac``: fraction of tokens whose clipped branch is active and selected (0 in the fused case).
+      * ``ratio_mean``: mean of ``r`` (1 in the fused case).
+      * ``entropy_est``: ``-mean(student)``. A Monte-Carlo estimate of the student's per-token entropy only if
+        the tokens were sampled from the current student; with fixed offline rollouts it is the
+        cross-entropy of the student on the behaviour policy's samples (>= the behaviour policy's entropy),
+        so read it as a trend, not as an entropy.
+      * ``kl_ref`` (if ``ref_logprobs``): mean of ``low_var_kl(student, ref)``, logged even when
+        ``kl_coef == 0``.
+      * if ``behaviour_logprobs``: ``behaviour_ratio_mean`` / ``behaviour_ratio_max`` of the *untruncated*
+        ``w = exp(old - behaviour)``, ``behaviour_ess`` = ``(sum w)^2 / (n * sum w^2)`` in (0, 1] (computed
+        in log space so huge ratios do not overflow), and ``tis_clip_frac`` (fraction with ``w > tis_cap``)
+        when ``tis_cap`` is set.
+      * ``num_tokens`` / ``num_seqs``: this call's response-token count and number of sequences with >= 1
+        response token (local counts, not the overrides).
+
+    Args:
+      student_logprobs: [B, T] log-probs of the rollout tokens under the trained student (differentiated).
+      teacher_logprobs: [B, T] precomputed teacher log-probs of the same tokens.
+      response_mask: [B, T] 1 on response tokens.
+      old_logprobs: [B, T] log-probs under the policy that the PPO ratio is taken against; None = fused.
+      behaviour_logprobs: [B, T] log-probs under the distribution the rollouts were sampled from.
+      ref_logprobs: [B, T] reference-policy log-probs for the KL penalty / ``kl_ref`` metric.
+      eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 <= eps_low < 1``, ``eps_high >= 0``.
+      aggregation: ``"seq_mean"`` (Lightning OPD's per-sample token-mean) or ``"token_mean"``.
+      normalize_advantages: whiten ``A`` over this call's response tokens (micro-batch statistics under
+        accumulation, so the accumulated gradient then differs from the full-batch one).
+      tis_cap: truncation of the importance weight (> 0); requires ``behaviour_logprobs``; None = no TIS.
+      kl_coef: weight of the KL penalty (>= 0); > 0 requires ``ref_logprobs``.
+      num_tokens, num_seqs: full-batch denominators for gradient accumulation (:func:`loss_denominators`).
+
+    Returns:
+      ``(loss, metrics)``: scalar loss (float32 for float32 inputs) and a dict of float32 scalar metrics.
+    """
+    # ---- eager validation of static arguments ---------------------------------------------------------
+    _check_aggregation(aggregation)
+    _check_shapes(
+        response_mask,
+        student_logprobs=student_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        old_logprobs=old_logprobs,
+        behaviour_logprobs=behaviour_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+    if not 0.0 <= eps_low < 1.0:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    if not eps_high >= 0.0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
+    if tis_cap is not None:
+        if not tis_cap > 0.0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap}")
+        if behaviour_logprobs is None:
+            raise ValueError("tis_cap is set but behaviour_logprobs is None")
+    if not kl_coef >= 0.0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 requires ref_logprobs")
+
+    dtype = _compute_dtype(student_logprobs, teacher_logprobs, old_logprobs, behaviour_logprobs, ref_logprobs)
+    m = jnp.asarray(response_mask).astype(dtype)
+    on = m > 0
+
+    def clean(x: jax.Array) -> jax.Array:
+        # Zero non-response positions first: their values are unspecified (possibly -inf), and the where
+        # also zeroes the gradient that flows back to them.
+        return jnp.where(on, jnp.asarray(x).astype(dtype), 0)
+
+    student = clean(student_logprobs)
+    teacher = clean(teacher_logprobs)
+    old = jax.lax.stop_gradient(student if old_logprobs is None else clean(old_logprobs))
+
+    # ---- advantage --------------------------------------------------------------------------------------
+    raw_adv = jax.lax.stop_gradient(teacher - old)  # already 0 off the response
+    adv = raw_adv
+    if normalize_advantages:
+        mean = _masked_mean(adv, m)
+        var = _masked_mean(jnp.square(adv - mean), m)
+        adv = jnp.where(on, (adv - mean) * jax.lax.rsqrt(var + _NORM_EPS), 0)
+
+    # ---- clipped surrogate ------------------------------------------------------------------------------
+    log_ratio = student - old
+    ratio = jnp.exp(log_ratio)
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    clipped = on & (((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo)))
+    clipped_value = jax.lax.stop_gradient(-adv * jnp.clip(ratio, lo, hi))
+    surrogate = jnp.where(clipped, clipped_value, -adv * ratio)
+
+    metrics: dict[str, jax.Array] = {}
+
+    # ---- truncated importance sampling (behaviour policy != student sampling distribution) ------------
+    if behaviour_logprobs is not None:
+        behaviour = jax.lax.stop_gradient(clean(behaviour_logprobs))
+        log_w = old - behaviour  # [B, T], 0 off the response
+        w = jnp.exp(log_w)
+        if tis_cap is not None:
+            surrogate = surrogate * jnp.minimum(w, tis_cap)
+            metrics["tis_clip_frac"] = _metric(_masked_mean((w > tis_cap).astype(dtype), m))
+        n = jnp.sum(m)
+        # ESS fraction (sum w)^2 / (n sum w^2) in log space: exp(2 lse(log w) - lse(2 log w) - log n).
+        lse_w = jax.nn.logsumexp(log_w, b=m)
+        lse_w2 = jax.nn.logsumexp(2.0 * log_w, b=m)
+        ess = jnp.where(n > 0, jnp.exp(2.0 * lse_w - lse_w2 - jnp.log(jnp.maximum(n, 1))), 0)
+        metrics["behaviour_ratio_mean"] = _metric(_masked_mean(w, m))
+        metrics["behaviour_ratio_max"] = _metric(jnp.max(jnp.where(on, w, 0)))
+        metrics["behaviour_ess"] = _metric(ess)
+
+    per_token = surrogate
+
+    # ---- KL penalty to the reference policy -------------------------------------------------------------
+    if ref_logprobs is not None:
+        kl = jnp.where(on, low_var_kl(student, clean(ref_logprobs)), 0)
+        if kl_coef > 0.0:
+            per_token = per_token + kl_coef * kl
+        metrics["kl_ref"] = _metric(_masked_mean(kl, m))
+
+    loss = aggregate(per_token, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+
+    num_tok, num_seq = loss_denominators(m)
+    metrics.update(
+        advantage_mean=_metric(_masked_mean(raw_adv, m)),
+        reverse_kl=_metric(_masked_mean(old - teacher, m)),
+        clip_frac=_metric(_masked_mean(clipped.astype(dtype), m)),
+        ratio_mean=_metric(_masked_mean(ratio, m)),
+        entropy_est=_metric(-_masked_mean(student, m)),
+        num_tokens=_metric(num_tok),
+        num_seqs=_metric(num_seq),
+    )
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT loss
+# ----------------------------------------------------------------------------------------------------------
+def sft_loss(
+    logprobs: jax.Array,
+    response_mask: jax.Array,
+    *,
+    aggregation: Aggregation = "token_mean",
+    num_tokens: jax.Array | float | None = None,
+    num_seqs: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Negative log-likelihood of the response tokens.
+
+    Args:
+      logprobs: [B, T] log-probs of the target tokens under the trained model (differentiated).
+      response_mask: [B, T] 1 on response (target) tokens.
+      aggregation: ``"token_mean"`` (default) or ``"seq_mean"``; see :func:`aggregate`.
+      num_tokens, num_seqs: full-batch denominators for gradient accumulation (:func:`loss_denominators`).
+
+    Returns:
+      ``(loss, metrics)`` with float32 scalar metrics ``nll`` (token-mean NLL over this call's response
+      tokens, independent of ``aggregation`` and of the overrides), ``num_tokens`` and ``num_seqs`` (local).
+    """
+    _check_aggregation(aggregation)
+    _check_shapes(response_mask, logprobs=logprobs)
+    dtype = _compute_dtype(logprobs)
+    m = jnp.asarray(response_mask).astype(dtype)
+    nll = jnp.where(m > 0, -jnp.asarray(logprobs).astype(dtype), 0)
+    loss = aggregate(nll, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+    num_tok, num_seq = loss_denominators(m)
+    metrics = {
+        "nll": _metric(_masked_mean(nll, m)),
+        "num_tokens": _metric(num_tok),
+        "num_seqs": _metric(num_seq),
+    }
+    return loss, metrics

@@ -1,0 +1,314 @@
+"""The decoder: one Flax (Linen) module for llama / qwen2 / qwen3 / qwen3_moe.
+
+Layers are stacked and run under ``nn.scan`` (one compiled layer, params with a leading ``[layers]`` axis),
+optionally under ``nn.remat``. The module returns final-norm hidden states; the output projection is applied
+separately (see :mod:`jopd.models.logprobs`) so that log-probs never need the full ``[B, T, V]`` logits.
+
+Numerics follow transformers: RMSNorm in fp32, rotate-half RoPE with fp32 angles, softmax in fp32, MoE router
+softmax in fp32 then top-k (renormalised when ``norm_topk_prob``).
+
+Parameter tree (shapes; ``L`` = layers, ``K`` = kv heads, ``H`` = query heads, ``Dh`` = head dim)::
+
+    embedding [V, D]        final_norm [D]        lm_head [D, V] (untied only)
+    layers/attn_norm [L, D]  layers/mlp_norm [L, D]
+    layers/attn/{q_kernel [L, D, H, Dh], k_kernel, v_kernel [L, D, K, Dh], o_kernel [L, H, Dh, D]}
+                (+ q_bias [L, H, Dh], k_bias, v_bias [L, K, Dh] for qwen2; q_norm, k_norm [L, Dh] for qwen3)
+    layers/mlp/{gate_kernel, up_kernel [L, D, F], down_kernel [L, F, D]}                     (dense)
+    layers/moe/{router_kernel [L, D, E], gate_kernel, up_kernel [L, E, D, F], down_kernel [L, E, F, D]}
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jopd import sharding
+from jopd.models.config import ModelConfig, rope_inv_freq
+
+Array = jax.Array
+_NEG_INF = float(np.finfo(np.float32).min)
+
+
+class KVCache(NamedTuple):
+    """Key/value cache for all layers: k, v ``[layers, batch, slots, kv_heads, head_dim]``."""
+
+    k: Array
+    v: Array
+
+
+def _dtype(name: str) -> Any:
+    return jnp.dtype(name)
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """HF RMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_cos_sin(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
+    """cos/sin ``[B, T, head_dim]`` for integer ``positions`` ``[B, T]`` (fp32 angles, like HF)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config).astype(np.float32))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x ``[B, T, heads, Dh]``; rotate-half convention (HF ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _kernel_init(scale: float = 0.02):
+    return nn.initializers.normal(stddev=scale)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer_idx, cache_index):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = self.param("q_kernel", _kernel_init(), (d, h, hd), pdt).astype(dt)
+        wk = self.param("k_kernel", _kernel_init(), (d, k, hd), pdt).astype(dt)
+        wv = self.param("v_kernel", _kernel_init(), (d, k, hd), pdt).astype(dt)
+        wo = self.param("o_kernel", _kernel_init(), (h, hd, d), pdt).astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, wq)
+        kk = jnp.einsum("btd,dhk->bthk", x, wk)
+        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        if cfg.attention_bias:
+            q = q + self.param("q_bias", nn.initializers.zeros, (h, hd), pdt).astype(dt)
+            kk = kk + self.param("k_bias", nn.initializers.zeros, (k, hd), pdt).astype(dt)
+            v = v + self.param("v_bias", nn.initializers.zeros, (k, hd), pdt).astype(dt)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.param("q_norm", nn.initializers.ones, (hd,), pdt), cfg.rms_norm_eps)
+            kk = rms_norm(kk, self.param("k_norm", nn.initializers.ones, (hd,), pdt), cfg.rms_norm_eps)
+        q = apply_rope(q, cos, sin)
+        kk = apply_rope(kk, cos, sin)
+        q = sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
+
+        if cache is not None:
+            # Write this step's keys/values into the slots [cache_index, cache_index + T) of this layer,
+            # then attend over the whole (fixed-size) cache; invalid slots are masked out.
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer_idx, zero, cache_index, zero, zero)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.k, kk[None].astype(cache.k.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
+            )
+            kk = cache.k[layer_idx].astype(dt)
+            v = cache.v[layer_idx].astype(dt)
+
+        scale = hd ** -0.5
+        if cfg.attention_impl == "cudnn" and cache is None:
+            out = jax.nn.dot_product_attention(q, kk, v, scale=scale, is_causal=True, implementation="cudnn")
+        else:
+            b, t = q.shape[:2]
+            qg = q.reshape(b, t, k, h // k, hd)  # group query heads by their kv head (GQA, no kv repeat)
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        y = jnp.einsum("bthk,hkd->btd", out, wo)
+        return y, cache
+
+
+class Mlp(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        wg = self.param("gate_kernel", _kernel_init(), (d, f), pdt).astype(dt)
+        wu = self.param("up_kernel", _kernel_init(), (d, f), pdt).astype(dt)
+        wd = self.param("down_kernel", _kernel_init(), (f, d), pdt).astype(dt)
+        hidden = jax.nn.silu(x @ wg) * (x @ wu)
+        hidden = sharding.constrain(hidden, ("batch", "seq", "mlp"))
+        return hidden @ wd
+
+
+class MoeMlp(nn.Module):
+    """Routed top-k experts (Qwen3-MoE). Tokens are sorted by expert and run with grouped matmuls
+    (``lax.ragged_dot``): each token costs k expert MLPs, not E."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        d, f, e, topk = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+        wr = self.param("router_kernel", _kernel_init(), (d, e), pdt).astype(dt)
+        wg = self.param("gate_kernel", _kernel_init(), (e, d, f), pdt).astype(dt)
+        wu = self.param("up_kernel", _kernel_init(), (e, d, f), pdt).astype(dt)
+        wd = self.param("down_kernel", _kernel_init(), (e, f, d), pdt).astype(dt)
+        b, t, _ = x.shape
+        tokens = x.reshape(b * t, d)
+        router_probs = jax.nn.softmax((tokens @ wr).astype(jnp.float32), axis=-1)
+        weights, experts = jax.lax.top_k(router_probs, topk)  # [N, k]
+        if cfg.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        weights = weights.astype(dt)
+
+        flat_expert = experts.reshape(-1)  # [N*k]
+        order = jnp.argsort(flat_expert, stable=True)
+        token_of = order // topk
+        xs = tokens[token_of]  # [N*k, D], grouped by expert
+        group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
+        gate = jax.lax.ragged_dot(xs, wg, group_sizes)
+        up = jax.lax.ragged_dot(xs, wu, group_sizes)
+        out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, wd, group_sizes)  # [N*k, D]
+        out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b * t, topk, d)
+        y = jnp.einsum("nkd,nk->nd", out, weights)
+        return y.reshape(b, t, d)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer_idx, cos, sin, mask, cache_index):
+        cfg = self.config
+        pdt = _dtype(cfg.param_dtype)
+        x, cache = carry
+        d = cfg.hidden_size
+        h = rms_norm(x, self.param("attn_norm", nn.initializers.ones, (d,), pdt), cfg.rms_norm_eps)
+        attn_out, cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, layer_idx, cache_index)
+        x = x + attn_out
+        h = rms_norm(x, self.param("mlp_norm", nn.initializers.ones, (d,), pdt), cfg.rms_norm_eps)
+        x = x + (MoeMlp(cfg, name="moe")(h) if cfg.is_moe else Mlp(cfg, name="mlp")(h))
+        x = sharding.constrain(x, ("batch", "seq", None))
+        return (x, cache), None
+
+
+class Decoder(nn.Module):
+    """``__call__(tokens [B,T], positions [B,T], mask [B,T,S] bool, cache=None, cache_index=None)``
+    → (final-norm hidden states ``[B, T, D]`` in the compute dtype, updated cache or None)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask, cache: KVCache | None = None, cache_index=None):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
+        embedding = self.param("embedding", _kernel_init(), (cfg.vocab_size, cfg.hidden_size), pdt)
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = sharding.constrain(x, ("batch", "seq", None))
+        cos, sin = rope_cos_sin(cfg, positions, dt)
+        if cache_index is None:
+            cache_index = jnp.zeros((), jnp.int32)
+
+        layer_cls = DecoderLayer
+        if cfg.remat:
+            layer_cls = nn.remat(layer_cls, prevent_cse=False)
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, name="layers")
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, cache), _ = stack((x, cache), layer_ids, cos, sin, mask, cache_index)
+        x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,), pdt), cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.param("lm_head", _kernel_init(), (cfg.hidden_size, cfg.vocab_size), pdt)
+        return x, cache
+
+
+def output_kernel(params: dict, config: ModelConfig) -> Array:
+    """The ``[D, V]`` output projection (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embedding"].T
+    return params["lm_head"]
+
+
+def causal_mask(batch: int, length: int) -> Array:
+    """``[B, T, T]`` causal mask for right-padded full sequences (pad keys only follow real queries)."""
+    m = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return jnp.broadcast_to(m, (batch, length, length))
+
+
+def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: Array | None = None) -> Array:
+    """Final-norm hidden states ``[B, T, D]`` of right-padded ``tokens`` ``[B, T]`` (no cache)."""
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = Decoder(config).apply({"params": params}, tokens, positions, causal_mask(b, t))
+    return h
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random parameters (normal(0.02) kernels, unit norms, zero biases) in ``config.param_dtype``."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    variables = jax.jit(lambda rng: Decoder(config).init(rng, tokens, tokens, causal_mask(1, 2)))(
+        jax.random.PRNGKey(seed)
+    )
+    return variables["params"]
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """Pytree of ``jax.ShapeDtypeStruct`` matching :func:`init_params` (no allocation)."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    variables = jax.eval_shape(
+        lambda: Decoder(config).init(jax.random.PRNGKey(0), tokens, tokens, causal_mask(1, 2))
+    )
+    return variables["params"]
+
+
+# Logical axes of every parameter, keyed by leaf name (the ``layers`` axis is prepended for stacked ones).
+_LEAF_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
+    ("", "embedding"): ("vocab", "embed"),
+    ("", "lm_head"): ("embed", "vocab"),
+    ("", "final_norm"): ("norm",),
+    ("layers", "attn_norm"): ("norm",),
+    ("layers", "mlp_norm"): ("norm",),
+    ("attn", "q_kernel"): ("embed", "q_heads", "head_dim"),
+    ("attn", "k_kernel"): ("embed", "kv_heads", "head_dim"),
+    ("attn", "v_kernel"): ("embed", "kv_heads", "head_dim"),
+    ("attn", "o_kernel"): ("q_heads", "head_dim", "embed"),
+    ("attn", "q_bias"): ("q_heads", "head_dim"),
+    ("attn", "k_bias"): ("kv_heads", "head_dim"),
+    ("attn", "v_bias"): ("kv_heads", "head_dim"),
+    ("attn", "q_norm"): ("head_dim",),
+    ("attn", "k_norm"): ("head_dim",),
+    ("mlp", "gate_kernel"): ("embed", "mlp"),
+    ("mlp", "up_kernel"): ("embed", "mlp"),
+    ("mlp", "down_kernel"): ("mlp", "embed"),
+    ("moe", "router_kernel"): ("embed", "router_out"),
+    ("moe", "gate_kernel"): ("experts", "embed", "expert_mlp"),
+    ("moe", "up_kernel"): ("experts", "embed", "expert_mlp"),
+    ("moe", "down_kernel"): ("experts", "expert_mlp", "embed"),
+}
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """Pytree (same structure as the params) of logical-axis tuples."""
+
+    def axes_for(path, _leaf):
+        keys = [p.key for p in path]
+        parent = keys[-2] if len(keys) > 1 else ""
+        axes = _LEAF_AXES[(parent, keys[-1])]
+        return (("layers",) + axes) if keys[0] == "layers" else axes
+
+    return jax.tree_util.tree_map_with_path(axes_for, param_shapes(config))
+
+
+def param_shardings(config: ModelConfig, mesh) -> dict:
+    """NamedSharding for every parameter on ``mesh``."""
+    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
+    return jax.tree.map(
+        lambda axes, shape: sharding.named_sharding(axes, shape.shape, mesh),
+        param_logical_axes(config), param_shapes(config), is_leaf=is_axes,
+    )

@@ -1,0 +1,104 @@
+"""Per-token log-probs without materialising ``[B, T, V]`` logits.
+
+The output projection and log-softmax run over sequence chunks of ``config.logits_chunk_size`` positions
+inside a ``lax.scan`` whose body is rematerialised (``jax.checkpoint``): the forward keeps one ``[B, C, V]``
+fp32 chunk alive at a time, and the backward recomputes each chunk's logits instead of storing them, so peak
+memory of the head is ``B * C * V * 4`` bytes in both directions, whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jopd.models.config import ModelConfig
+from jopd.models.decoder import hidden_states, output_kernel
+
+Array = jax.Array
+
+
+def _chunked(x: Array, chunk: int) -> tuple[Array, int]:
+    """[B, N, ...] -> [n_chunks, B, chunk, ...] (zero-padded), and N."""
+    n = x.shape[1]
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((x.shape[0], n_chunks, chunk) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0), n
+
+
+def _unchunk(y: Array, n: int) -> Array:
+    """[n_chunks, B, chunk, ...] -> [B, n, ...]."""
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], -1) + y.shape[3:])[:, :n]
+
+
+def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array, *, chunk: int = 256,
+                         topk: int = 0) -> Array | tuple[Array, Array, Array]:
+    """Token log-probs from final hidden states.
+
+    hidden ``[B, T, D]``, w_out ``[D, V]``, tokens/mask ``[B, T]`` → float32 ``[B, T]`` with
+    ``out[:, t] = log p(tokens[:, t] | tokens[:, :t])`` for t ≥ 1 where mask is 1, else 0.
+    With ``topk > 0`` also returns the top-k (ids int32, log-probs float32) ``[B, T, k]`` of the distribution
+    that predicts position t (zeros where out is 0).
+    """
+    b, t = tokens.shape
+    w = w_out.astype(hidden.dtype)
+    h_chunks, n = _chunked(hidden[:, :-1], chunk)
+    tgt_chunks, _ = _chunked(tokens[:, 1:], chunk)
+
+    @jax.checkpoint
+    def body(_, inputs):
+        h, tgt = inputs
+        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
+        if topk:
+            top_vals, top_ids = jax.lax.top_k(logits, topk)
+            return None, (lp, top_ids.astype(jnp.int32), top_vals - lse[..., None])
+        return None, lp
+
+    _, out = jax.lax.scan(body, None, (h_chunks, tgt_chunks))
+    valid = mask.astype(bool) & jnp.concatenate([jnp.zeros((b, 1), bool), jnp.ones((b, t - 1), bool)], 1)
+
+    def place(y):  # shift so that index t holds the prediction of token t
+        y = _unchunk(y, n)
+        y = jnp.concatenate([jnp.zeros((b, 1) + y.shape[2:], y.dtype), y], axis=1)
+        keep = valid.reshape(valid.shape + (1,) * (y.ndim - 2))
+        return jnp.where(keep, y, jnp.zeros((), y.dtype))
+
+    if topk:
+        lp, ids, vals = out
+        return place(lp), place(ids), place(vals)
+    return place(out)
+
+
+def logprobs_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array) -> Array:
+    """Pure, differentiable per-token log-probs ``[B, T]`` (float32) of right-padded ``tokens``."""
+    h = hidden_states(params, config, tokens)
+    return logprobs_from_hidden(h, output_kernel(params, config), tokens, mask, chunk=config.logits_chunk_size)
+
+
+def logprobs_and_topk_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array, topk: int):
+    """Like :func:`logprobs_fn`, plus the top-k (ids, log-probs) ``[B, T, k]`` at every position."""
+    h = hidden_states(params, config, tokens)
+    return logprobs_from_hidden(h, output_kernel(params, config), tokens, mask,
+                                chunk=config.logits_chunk_size, topk=topk)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_logprobs(params, tokens, mask, config):
+    return logprobs_fn(params, config, tokens, mask)
+
+
+def naive_logprobs_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array) -> Array:
+    """Reference: full ``[B, T, V]`` fp32 logits then log_softmax (used by tests and the memory benchmark)."""
+    h = hidden_states(params, config, tokens)
+    logits = jnp.einsum("btd,dv->btv", h, output_kernel(params, config).astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+    lp = jnp.concatenate([jnp.zeros((tokens.shape[0], 1), lp.dtype), lp], axis=1)
+    return jnp.where(mask.astype(bool), lp, 0.0)
