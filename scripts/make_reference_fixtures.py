@@ -33,22 +33,24 @@ config.json fields written by transformers 5.24 (``to_json_string`` of the confi
   common to all: architectures, dtype ("float32"), model_type, vocab_size, hidden_size, intermediate_size,
     num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_act ("silu"), rms_norm_eps,
     max_position_embeddings, initializer_range, attention_dropout, tie_word_embeddings (always written,
-    true/false), use_cache, bos/eos/pad_token_id, transformers_version.
+    true/false; the config-class default when absent is false for all four types), use_cache,
+    bos/eos/pad_token_id (null here), transformers_version.
   RoPE: there is NO top-level "rope_theta" and NO "rope_scaling" any more; both live in
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0} or, for llama3 scaling,
     {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}. (Hub checkpoints written by
     transformers 4.x use top-level "rope_theta" + "rope_scaling" {"rope_type"|"type", ...}: readers should
-    accept both spellings.)
+    accept both spellings; transformers 4.x itself silently ignores "rope_parameters".)
   llama:     + head_dim (always written, = hidden/heads unless given), attention_bias, mlp_bias,
                pretraining_tp. No layer_types / sliding_window.
   qwen2:     NO head_dim (derive hidden/heads), NO attention_bias (q/k/v always have bias, o_proj none);
                + layer_types (["full_attention", ...]), sliding_window (null), use_sliding_window (false),
                max_window_layers (28).
-  qwen3:     + head_dim (explicit, may differ from hidden/heads), attention_bias (false), layer_types,
-               sliding_window (null), use_sliding_window (false), max_window_layers. q_norm/k_norm are
-               implied by model_type (RMSNorm over head_dim, weights [head_dim]).
-  qwen3_moe: + head_dim? NO -- not written unless passed (we pass it: hidden/heads), attention_bias,
+  qwen3:     + head_dim (explicit, may differ from hidden/heads; if absent the Qwen3Config default is 128,
+               NOT hidden/heads), attention_bias (false), layer_types, sliding_window (null),
+               use_sliding_window (false), max_window_layers. q_norm/k_norm are implied by model_type
+               (RMSNorm over head_dim, weights [head_dim], applied per head before RoPE).
+  qwen3_moe: + head_dim (only written when passed; we pass 16 = hidden/heads), attention_bias,
                decoder_sparse_step, mlp_only_layers ([]), moe_intermediate_size, norm_topk_prob,
                num_experts_per_tok, "num_local_experts" (!! the expert count is written under this name,
                hub checkpoints use "num_experts"), output_router_logits, router_aux_loss_coef,
@@ -63,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import sys
@@ -86,15 +87,15 @@ SMOL_USER_MESSAGES = (
 )
 SMOL_PLAIN_TEXT = "The quick brown fox jumps over the lazy dog. 2 + 2 = 4."
 
-COMMON = dict(
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=256,
-    hidden_act="silu",
-)
+COMMON = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256,
+    "hidden_act": "silu",
+}
 
 
 def case_configs():
@@ -113,7 +114,10 @@ def case_configs():
         tie_word_embeddings=False,
     )
     return {
-        "llama_tied": ("LlamaConfig", dict(COMMON, vocab_size=384, num_hidden_layers=3, tie_word_embeddings=True)),
+        "llama_tied": (
+            "LlamaConfig",
+            dict(COMMON, vocab_size=384, num_hidden_layers=3, tie_word_embeddings=True),
+        ),
         "llama_untied_rope3": (
             "LlamaConfig",
             dict(
@@ -133,10 +137,13 @@ def case_configs():
                 },
             ),
         ),
-        "qwen2_bias": ("Qwen2Config", dict(COMMON, vocab_size=384, num_hidden_layers=2, tie_word_embeddings=False)),
+        "qwen2_bias": (
+            "Qwen2Config",
+            dict(COMMON, vocab_size=352, num_hidden_layers=2, tie_word_embeddings=False),
+        ),
         "qwen3_qknorm": (
             "Qwen3Config",
-            dict(COMMON, vocab_size=384, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False),
+            dict(COMMON, vocab_size=352, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False),
         ),
         "qwen3_moe": ("Qwen3MoeConfig", dict(moe, norm_topk_prob=True)),
         "qwen3_moe_nonorm": ("Qwen3MoeConfig", dict(moe, norm_topk_prob=False)),
@@ -311,13 +318,13 @@ def greedy_generate(model, prompt: list[int]):
 def generation_fields(model, prompts):
     gp, gl = pad_rows(prompts)
     toks, margins, lps = zip(*(greedy_generate(model, p) for p in prompts))
-    return dict(
-        gen_prompts=gp,
-        gen_prompt_lens=gl,
-        gen_tokens=np.stack(toks).astype(np.int32),
-        gen_logits_margin=np.stack(margins).astype(np.float32),
-        gen_logprobs=np.stack(lps).astype(np.float32),
-    )
+    return {
+        "gen_prompts": gp,
+        "gen_prompt_lens": gl,
+        "gen_tokens": np.stack(toks).astype(np.int32),
+        "gen_logits_margin": np.stack(margins).astype(np.float32),
+        "gen_logprobs": np.stack(lps).astype(np.float32),
+    }
 
 
 def router_min_gap(model, tokens, mask):
@@ -380,7 +387,7 @@ def make_tiny_case(case, cls_name, kwargs, out_root, seed, verify_only):
             rng = np.random.default_rng(used_seed)
             tokens, mask = make_batch(model.config.vocab_size, rng)
             prompts = [rng.integers(1, model.config.vocab_size, size=n).tolist() for n in GEN_PROMPT_LENS]
-            ref = dict(tokens=tokens, mask=mask, logprobs=compute_logprobs(model, tokens, mask))
+            ref = {"tokens": tokens, "mask": mask, "logprobs": compute_logprobs(model, tokens, mask)}
             ref.update(generation_fields(model, prompts))
             margin, gap = robustness(model, ref)
             if margin >= MIN_MARGIN and gap >= MIN_MARGIN:
@@ -400,7 +407,9 @@ def make_tiny_case(case, cls_name, kwargs, out_root, seed, verify_only):
     re_model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32)
     re_model.eval()
     lp = compute_logprobs(re_model, ref["tokens"], ref["mask"])
-    assert np.array_equal(lp, ref["logprobs"]), f"{case}: reloaded logprobs differ (max {np.abs(lp - ref['logprobs']).max()})"
+    assert np.array_equal(lp, ref["logprobs"]), (
+        f"{case}: reloaded logprobs differ (max {np.abs(lp - ref['logprobs']).max()})"
+    )
     prompts = [ref["gen_prompts"][i, :n].tolist() for i, n in enumerate(ref["gen_prompt_lens"])]
     g = generation_fields(re_model, prompts)
     for k in ("gen_tokens", "gen_logits_margin", "gen_logprobs"):
@@ -423,25 +432,27 @@ def make_smollm2_case(smol_dir, out_root, verify_only):
     tok = AutoTokenizer.from_pretrained(smol_dir)
     rows = []
     for msg in SMOL_USER_MESSAGES:
-        ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": msg}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         rows.append([int(i) for i in ids])
     rows.append([int(i) for i in tok(SMOL_PLAIN_TEXT, add_special_tokens=False)["input_ids"]])
     tokens, lens = pad_rows(rows)
     mask = (np.arange(tokens.shape[1])[None, :] < lens[:, None]).astype(np.int32)
-    ref = dict(
-        tokens=tokens,
-        mask=mask,
-        logprobs=compute_logprobs(model, tokens, mask),
-        texts=np.array(list(SMOL_USER_MESSAGES) + [SMOL_PLAIN_TEXT]),
-    )
+    ref = {
+        "tokens": tokens,
+        "mask": mask,
+        "logprobs": compute_logprobs(model, tokens, mask),
+        "texts": np.array([*SMOL_USER_MESSAGES, SMOL_PLAIN_TEXT]),
+    }
     ref.update(generation_fields(model, rows[:3]))
     if verify_only:
         old = dict(np.load(npz_path))
         assert old.keys() == ref.keys(), (sorted(old), sorted(ref))
-        for k in ref:
-            assert np.array_equal(old[k], ref[k]), f"smollm2: {k} differs from {npz_path}"
+        for k, v in ref.items():
+            assert np.array_equal(old[k], v), f"smollm2: {k} differs from {npz_path}"
     else:
         save_npz_deterministic(npz_path, ref)
     decoded = [tok.decode(t) for t in ref["gen_tokens"]]
@@ -476,7 +487,9 @@ def main(argv=None):
     import torch
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, seed {args.seed}, out {out_root}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, seed {args.seed}, out {out_root}"
+    )
     configs = case_configs()
     names = args.cases.split(",") if args.cases else list(configs)
     t_all = time.time()

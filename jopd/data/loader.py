@@ -22,6 +22,7 @@ The iterator's `get_state()` is a small JSON-serialisable dict; `set_state()` re
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -94,6 +95,7 @@ class RolloutSource:
         self._num_rows, self._topk = store.num_rows, store.topk
         self._store: RolloutStore | None = store
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # Grain reads from several threads; open the handles only once
 
     @property
     def seq_len(self) -> int:
@@ -106,18 +108,20 @@ class RolloutSource:
 
     def _get_store(self) -> RolloutStore:
         # TensorStore handles are not fork-safe: reopen in a new process (Grain workers, pickled copies).
-        if self._store is None or self._pid != os.getpid():
-            self._store = RolloutStore.open(self._path, "r", cache_bytes=self._cache_bytes)
-            self._pid = os.getpid()
-        return self._store
+        with self._lock:
+            if self._store is None or self._pid != os.getpid():
+                self._store = RolloutStore.open(self._path, "r", cache_bytes=self._cache_bytes)
+                self._pid = os.getpid()
+            return self._store
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_store"] = None
+        del state["_store"], state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._store, self._lock = None, threading.Lock()
 
     def __repr__(self) -> str:
         # Stable (no handle ids), since Grain may compare source reprs when restoring iterator state.

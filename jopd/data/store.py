@@ -368,6 +368,9 @@ class RolloutStore:
             bad = np.flatnonzero(bad_rows)
             if bad.size:
                 raise ValueError(f"{where}: {name} {expected}; row {start + bad[0]} has {data[name][bad[0]]}")
+        bad = np.flatnonzero((data["tokens"] < 0).any(axis=1))
+        if bad.size:
+            raise ValueError(f"{where}: tokens must be >= 0; row {start + bad[0]} has a negative id")
         bad = np.flatnonzero(plen + rlen > length)
         if bad.size:
             raise ValueError(f"{where}: prompt_len + response_len exceeds max_len={length} at row {start + bad[0]} "

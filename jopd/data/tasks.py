@@ -348,7 +348,10 @@ def _word_prompt(rng: random.Random, tree: _Node, diff: Difficulty) -> str | Non
             return None
         node = node.left
     assert isinstance(node, _Num)
-    prompt = f"{rng.choice(_NAMES)} has {node.value} {rng.choice(_ITEMS)}, {', '.join(reversed(steps))}. How many?"
+    item = rng.choice(_ITEMS)
+    if node.value == 1:
+        item = item[:-1]  # all items are regular plurals: "1 pen", "1 apple"
+    prompt = f"{rng.choice(_NAMES)} has {node.value} {item}, {', '.join(reversed(steps))}. How many?"
     return prompt if len(prompt) <= diff.max_prompt_chars else None
 
 
@@ -358,6 +361,10 @@ def _resolve_difficulty(difficulty: int | Difficulty) -> Difficulty:
     if difficulty not in DIFFICULTY_LEVELS:
         raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY_LEVELS)} or a Difficulty, got {difficulty!r}")
     return DIFFICULTY_LEVELS[difficulty]
+
+
+# make_problems gives up after this many draws in a row that it could not use.
+_MAX_CONSECUTIVE_MISSES = 20_000
 
 
 def make_problems(split: Split, n: int, seed: int, difficulty: int | Difficulty = 2, *,
@@ -370,9 +377,10 @@ def make_problems(split: Split, n: int, seed: int, difficulty: int | Difficulty 
         n: Number of problems.
         seed: Random seed; the same (split, n, seed, difficulty) always gives the same list.
         difficulty: A level from `DIFFICULTY_LEVELS` (1..3) or a custom `Difficulty`.
-        unique: Return distinct prompts only. Small difficulty settings have few distinct problems (level 1
-            has ~200 before the split), so this raises ValueError when the split cannot supply ``n``.
-            Without it problems are i.i.d. draws and may repeat.
+        unique: Return problems with pairwise distinct computations (canonical expressions; a word problem
+            and the bare expression of the same computation count as one). Small difficulty settings have
+            few of them (level 1: ~200 before the split), so this raises ValueError when the split cannot
+            supply ``n``. Without it problems are i.i.d. draws and may repeat.
     """
     if split not in ("sft", "opd", "eval"):
         raise ValueError(f"split must be 'sft', 'opd' or 'eval', got {split!r}")
@@ -391,23 +399,23 @@ def make_problems(split: Split, n: int, seed: int, difficulty: int | Difficulty 
         num_ops = rng.randint(diff.min_ops, diff.max_ops)
         tree = _random_tree(rng, num_ops, diff)
         key = _render(tree)
-        if is_heldout(key) != want_heldout:
+        # Rejected draws: wrong side of the split, or (unique) a computation already taken. Tiny custom
+        # difficulties may have no key at all on one side, so a long run of rejections ends in an error.
+        if is_heldout(key) != want_heldout or (unique and key in seen):
+            misses += 1
+            if misses > _MAX_CONSECUTIVE_MISSES:
+                raise ValueError(
+                    f"split {split!r} at this difficulty yields only {len(problems)} "
+                    f"{'distinct ' if unique else ''}problems (asked for {n}); lower n, raise the difficulty"
+                    + (" or pass unique=False" if unique else "")
+                )
             continue
+        misses = 0
+        seen.add(key)
         prompt = _word_prompt(rng, tree, diff) if rng.random() < diff.word_fraction else None
         kind = "word" if prompt is not None else "expr"
         if prompt is None:
             prompt = rng.choice(_EXPR_TEMPLATES).format(e=key)
-        if unique:
-            if prompt in seen:
-                misses += 1
-                if misses > 20_000:
-                    raise ValueError(
-                        f"split {split!r} at this difficulty yields only {len(problems)} distinct problems "
-                        f"(asked for {n}); lower n, raise the difficulty or pass unique=False"
-                    )
-                continue
-            seen.add(prompt)
-            misses = 0
         meta = {
             "task": "arith",
             "split": split,
@@ -468,10 +476,10 @@ def solution_style(text: str) -> Style | None:
 # ---------------------------------------------------------------------------------------------------------
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_HASHES = re.compile(r"####[ \t]*([^\n]*)")
+_HASHES = re.compile(r"####\s*([^\n]*)")
 # "answer: X", "Answer: X", "**Answer:** X", "The final answer is X". Requiring ":" or "is" keeps prose
-# such as "let me answer this" from matching.
-_ANSWER_PHRASE = re.compile(r"(?i)\banswer\s*(?:is\b\s*:?|:)\**[ \t]*([^\n]*)")
+# such as "let me answer this" from matching. The answer may also sit on the next line ("Answer:\n29").
+_ANSWER_PHRASE = re.compile(r"(?i)\banswer\s*(?:is\b\s*:?|:)\**\s*([^\n]*)")
 _NUMBER = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+"
 _LAST_NUMBER = re.compile(r"(?:(?<![\w)\].])[+-])?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _LEADING_NUMBER = re.compile(rf"^({_NUMBER})\s+[A-Za-z]")

@@ -226,8 +226,10 @@ def end_of_turn_id(tokenizer: Any) -> int:
     """
     sentinel = "JOPD_END_OF_TURN_PROBE"
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # Added tokens flagged special (ChatML's <|im_end|> often is not in all_special_ids); non-special added
+    # tokens such as Qwen3's <think> are ordinary text and must not be mistaken for the turn end.
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    special_ids.update(int(i) for i in added)
+    special_ids.update(int(i) for i, tok in added.items() if getattr(tok, "special", False))
     if _chat_template_text(tokenizer):
         text = _render_chat(
             tokenizer,

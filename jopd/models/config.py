@@ -137,7 +137,8 @@ class ModelConfig:
             raise ConfigError(f"{where}: use_sliding_window=true is not supported (full attention only)")
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
-        head_dim = hf.get("head_dim") or hidden // num_heads
+        # Qwen3 configs default head_dim to 128 (not hidden / heads) when the field is absent.
+        head_dim = hf.get("head_dim") or (128 if model_type in ("qwen3", "qwen3_moe") else hidden // num_heads)
 
         # rope: transformers 5 nests theta and scaling in rope_parameters; 4.x has rope_theta + rope_scaling.
         rope = dict(hf.get("rope_parameters") or {})

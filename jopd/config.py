@@ -1,0 +1,522 @@
+"""The run configuration: typed dataclasses, read from YAML, with dotted command-line overrides.
+
+Every value is documented once, in its field's ``doc`` (``python -m jopd.config`` prints the reference that is
+kept in docs/config.md). Loading validates everything before any work starts and reports *all* problems at
+once: unknown keys, wrong types, bad values, missing files, cross-field mistakes (e.g. an arm naming a teacher
+that does not exist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+STAGES = ("prepare", "teacher_data", "sft", "rollout", "precompute", "train", "online", "eval", "export",
+          "report")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field carrying its documentation."""
+    kw: dict[str, Any] = {"metadata": {"doc": text}}
+    if default is not dataclasses.MISSING:
+        kw["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kw["default_factory"] = default_factory
+    return field(**kw)
+
+
+class ConfigValidationError(ValueError):
+    """All problems found in a config, one per line."""
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class MeshSection:
+    data: int = doc("Pure data-parallel axis size (weights replicated).", 1)
+    fsdp: int = doc("FSDP axis size (batch split, weights/optimizer state sharded); -1 = all remaining devices.", -1)
+    tensor: int = doc("Tensor-parallel axis size (heads, MLP width, vocabulary split).", 1)
+    expert: int = doc("Expert-parallel axis size for MoE models.", 1)
+
+
+@dataclass
+class DistributedSection:
+    initialize: bool = doc("Call jax.distributed.initialize() before anything else (multi-host runs).", False)
+    coordinator_address: str | None = doc("host:port of process 0; null = auto-detect (TPU/SLURM).", None)
+    num_processes: int | None = doc("Total number of processes; null = auto-detect.", None)
+    process_id: int | None = doc("This process's index; null = auto-detect.", None)
+
+
+@dataclass
+class PrecisionSection:
+    param_dtype: Literal["float32", "bfloat16"] = doc("Dtype of the trained (master) weights.", "float32")
+    compute_dtype: Literal["float32", "bfloat16"] = doc(
+        "Dtype of matmuls/activations (bfloat16 on accelerators; log-probs and losses are always fp32).", "float32")
+    remat: bool = doc("Recompute each layer's activations in the backward pass (gradient checkpointing).", False)
+    attention_impl: Literal["xla", "cudnn"] = doc("Attention kernel: xla (any backend) or cudnn (NVIDIA).", "xla")
+    logits_chunk_size: int = doc("Sequence positions per chunk of the log-prob head.", 256)
+
+
+@dataclass
+class TaskSection:
+    kind: Literal["arithmetic", "prompt_file"] = doc(
+        "arithmetic: the built-in generated math task; prompt_file: prompts/labels from files.", "arithmetic")
+    prompt_file: str | None = doc("JSONL/Parquet with prompts and labels for SFT and OPD (kind=prompt_file).", None)
+    eval_prompt_file: str | None = doc("JSONL/Parquet of held-out eval prompts (kind=prompt_file).", None)
+    difficulty: list[int] = doc("Arithmetic: numbers of operations to draw problems from.",
+                                default_factory=lambda: [1, 2])
+    num_sft_prompts: int = doc("Prompts the SFT-data teacher answers.", 256)
+    num_opd_prompts: int = doc("Prompts the SFT student makes rollouts for.", 128)
+    num_eval_prompts: int = doc("Held-out prompts for evaluation (disjoint from the others).", 64)
+    seed: int = doc("Seed of the problem generator / prompt-file shuffling.", 0)
+
+
+@dataclass
+class ArchSection:
+    """A decoder built from scratch (teachers and students in the demo); vocab comes from the tokenizer."""
+
+    model_type: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = doc("Decoder family.", "qwen3")
+    hidden_size: int = doc("Model width.", 64)
+    intermediate_size: int = doc("MLP width.", 192)
+    num_layers: int = doc("Number of decoder layers.", 2)
+    num_heads: int = doc("Query heads.", 4)
+    num_kv_heads: int = doc("Key/value heads (GQA).", 2)
+    head_dim: int = doc("Per-head width.", 16)
+    tie_word_embeddings: bool = doc("Share the input embedding and output projection.", True)
+    rope_theta: float = doc("RoPE base.", 10000.0)
+    max_position_embeddings: int = doc("Longest sequence the model is meant for.", 512)
+    num_experts: int = doc("qwen3_moe: routed experts.", 0)
+    num_experts_per_tok: int = doc("qwen3_moe: experts per token.", 0)
+    moe_intermediate_size: int = doc("qwen3_moe: expert MLP width.", 0)
+
+
+@dataclass
+class OptimSection:
+    lr: float = doc("Peak learning rate.", 1e-3)
+    schedule: Literal["constant", "cosine", "linear"] = doc("Decay after warm-up.", "cosine")
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+    min_lr_ratio: float = doc("Final lr as a fraction of the peak (cosine/linear).", 0.1)
+    weight_decay: float = doc("AdamW decoupled weight decay.", 0.0)
+    b1: float = doc("Adam beta1.", 0.9)
+    b2: float = doc("Adam beta2.", 0.98)
+    eps: float = doc("Adam epsilon.", 1e-8)
+    grad_clip: float = doc("Global gradient-norm clip (0 = off).", 1.0)
+
+
+@dataclass
+class TrainLoop:
+    steps: int = doc("Optimizer steps.", 100)
+    batch_size: int = doc("Global batch size (sequences per optimizer step).", 16)
+    micro_batch_size: int | None = doc("Sequences per forward/backward; < batch_size = gradient accumulation.", None)
+    checkpoint_every: int = doc("Save an Orbax checkpoint every N steps (and at the end).", 50)
+    keep_checkpoints: int = doc("Checkpoints kept (older ones are deleted).", 2)
+    async_checkpointing: bool = doc("Write checkpoints in a background thread.", True)
+    log_every: int = doc("Log metrics every N steps.", 10)
+    eval_every: int = doc("Evaluate (held-out loss / accuracy) every N steps; 0 = only at the end.", 0)
+
+
+@dataclass
+class TeacherSection:
+    path: str | None = doc("HF directory of the teacher; null = build it in-run (see init/style).", None)
+    init: ArchSection | None = doc("Architecture of a teacher built in-run from scratch.", None)
+    style: Literal["A", "B"] = doc("Arithmetic task: solution style an in-run teacher is trained to write.", "A")
+    pretrain: TrainLoop = doc("Training loop of an in-run teacher.", default_factory=TrainLoop)
+    pretrain_optim: OptimSection = doc("Optimizer of an in-run teacher.", default_factory=OptimSection)
+    pretrain_examples: int = doc("Solved problems an in-run teacher is trained on.", 4096)
+
+
+@dataclass
+class StudentSection:
+    path: str | None = doc("HF directory of the base student; null = random init from `init`.", None)
+    init: ArchSection | None = doc("Architecture of a from-scratch student.", None)
+    init_from_teacher_layers: str | None = doc(
+        "Initialise the student from this teacher's embedding, norms and first num_layers layers.", None)
+
+
+@dataclass
+class SamplingSection:
+    temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
+    top_p: float = doc("Nucleus mass (1 = off).", 1.0)
+    top_k: int = doc("Top-k (0 = off).", 0)
+    max_new_tokens: int = doc("Response length limit (tokens, EOS included).", 64)
+    batch_size: int = doc("Prompts per generate call.", 64)
+    seed: int = doc("Sampling seed.", 0)
+
+
+@dataclass
+class RolloutSection(SamplingSection):
+    samples_per_prompt: int = doc("Responses sampled per OPD prompt.", 1)
+    rows_per_chunk: int = doc("Store rows per TensorStore chunk (unit of writing and resuming).", 64)
+
+
+@dataclass
+class PrecomputeSection:
+    teachers: list[str] = doc("Teachers that score the rollouts (each gets its own store).", default_factory=list)
+    topk: int = doc("Also store the teacher's top-k (id, log-prob) per position (0 = off).", 0)
+    batch_size: int = doc("Rows scored per forward pass.", 32)
+
+
+@dataclass
+class SFTSection(TrainLoop):
+    optim: OptimSection = doc("Optimizer.", default_factory=OptimSection)
+    holdout_fraction: float = doc("Fraction of SFT examples held out for the held-out loss.", 0.05)
+
+
+@dataclass
+class OPDSection(TrainLoop):
+    optim: OptimSection = doc("Optimizer (paper: lr 2e-6 constant, b2 0.98, wd 0.1, clip 1).",
+                              default_factory=lambda: OptimSection(lr=1e-4, schedule="constant", weight_decay=0.0))
+    eps_low: float = doc("PPO clip: ratio lower bound 1 - eps_low.", 0.2)
+    eps_high: float = doc("PPO clip: ratio upper bound 1 + eps_high.", 0.2)
+    aggregation: Literal["token_mean", "seq_mean"] = doc(
+        "Loss aggregation: token_mean over the batch or seq_mean (per-sequence token-mean, the paper's).", "seq_mean")
+    normalize_advantages: bool = doc("Standardise advantages over the batch's response tokens.", False)
+    kl_coef: float = doc("Coefficient of a k3 KL penalty to the SFT (reference) policy (0 = off, no ref pass).", 0.0)
+    tis_cap: float | None = doc("Truncated importance weight cap to the behaviour policy (null = off).", None)
+    shuffle: bool = doc("Shuffle the fixed rollouts each epoch (lightning arms).", True)
+
+
+@dataclass
+class ArmSection:
+    name: str = doc("Arm name (its outputs go to RUN_DIR/arms/NAME).", "lightning")
+    mode: Literal["lightning", "online"] = doc("lightning: fixed rollouts + stored teacher log-probs; "
+                                               "online: fresh rollouts scored by a live teacher each step.",
+                                               "lightning")
+    teacher: str = doc("Teacher whose log-probs define the advantage.", "A")
+    allow_inconsistent_teacher: bool = doc(
+        "Allow a teacher other than the SFT-data teacher (ablation): warn and record instead of refusing.", False)
+
+
+@dataclass
+class EvalSection:
+    max_new_tokens: int = doc("Response length for evaluation.", 64)
+    temperature: float = doc("Sampling temperature for accuracy (0 = greedy).", 0.0)
+    kl_samples: int = doc("Student samples per held-out prompt for the reverse-KL estimate (temperature 1).", 1)
+    kl_teacher: str | None = doc("Teacher for reverse KL(student || teacher); default: the SFT-data teacher.", None)
+    batch_size: int = doc("Prompts per generate call.", 64)
+    models: list[str] = doc("What to evaluate: base, sft, teacher:NAME, arm:NAME; empty = everything present.",
+                            default_factory=list)
+
+
+@dataclass
+class ExportSection:
+    arm: str | None = doc("Arm whose final student is exported (default: the first arm).", None)
+    dtype: Literal["float32", "bfloat16"] | None = doc("Weight dtype of the export (default: param dtype).", None)
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = doc("HF tokenizer directory; null = the student's directory, else a built-in char "
+                           "tokenizer for the arithmetic task.", None)
+
+
+@dataclass
+class Config:
+    run_dir: str = doc("Directory of every stage's outputs, logs, metrics and the resolved config.", "runs/default")
+    seed: int = doc("Global seed (initialisation, shuffling).", 0)
+    stages: list[str] = doc(f"Stages to run, in pipeline order; any of {', '.join(STAGES)}.",
+                            default_factory=lambda: list(STAGES))
+    mesh: MeshSection = doc("Device mesh.", default_factory=MeshSection)
+    distributed: DistributedSection = doc("Multi-process runtime.", default_factory=DistributedSection)
+    precision: PrecisionSection = doc("Dtypes and memory settings of every model.", default_factory=PrecisionSection)
+    tokenizer: TokenizerSection = doc("Tokenizer.", default_factory=TokenizerSection)
+    task: TaskSection = doc("Prompts and answer checking.", default_factory=TaskSection)
+    teachers: dict[str, TeacherSection] = doc("Teachers by name.", default_factory=dict)
+    student: StudentSection = doc("The base student.", default_factory=StudentSection)
+    sft_teacher: str = doc("The teacher that writes the SFT data (the consistent teacher).", "A")
+    teacher_data: SamplingSection = doc("Teacher sampling of SFT responses.",
+                                        default_factory=lambda: SamplingSection(temperature=0.7, top_p=0.9))
+    sft: SFTSection = doc("SFT of the base student on the teacher's responses.", default_factory=SFTSection)
+    rollout: RolloutSection = doc("The SFT student's rollouts for the OPD prompts.", default_factory=RolloutSection)
+    precompute: PrecomputeSection = doc("Teacher scoring of every rollout token.", default_factory=PrecomputeSection)
+    opd: OPDSection = doc("OPD training settings shared by every arm.", default_factory=OPDSection)
+    arms: list[ArmSection] = doc("OPD arms (lightning and/or online).", default_factory=lambda: [ArmSection()])
+    eval: EvalSection = doc("Evaluation.", default_factory=EvalSection)
+    export: ExportSection = doc("HF export of a trained student.", default_factory=ExportSection)
+
+    def arm(self, name: str) -> ArmSection:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(f"no arm named {name!r}; arms: {[a.name for a in self.arms]}")
+
+
+# ---- generic dataclass <- dict conversion with error collection ---------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(non_none[0], value, where, errors)
+        for a in non_none:
+            trial: list[str] = []
+            out = _convert(a, value, where, trial)
+            if not trial:
+                return out
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping ({tp.__name__}), got {type(value).__name__}")
+            return tp()
+        return _from_dict(tp, value, where, errors)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return []
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}", errors) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def _from_dict(cls: type, data: dict, where: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(f"{where + '.' if where else ''}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where + '.' if where else ''}{f.name}", errors)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        errors.append(f"{where or 'config'}: {e}")
+        return cls()
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+# ---- overrides ----------------------------------------------------------------------------------------
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML) into the nested dict ``data``; list items by index (arms.0.teacher)."""
+    if "=" not in assignment:
+        raise ConfigValidationError("command line", [f"override {assignment!r}: expected key.sub=value"])
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    node: Any = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(p)]
+        else:
+            if not isinstance(node.get(p), dict | list):
+                node[p] = {}
+            node = node[p]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+# ---- semantic checks ------------------------------------------------------------------------------------
+def _positive(errors: list[str], where: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, int | float) and (value < 0 or (value == 0 and not allow_zero)):
+        errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config, base_dir: str = ".") -> list[str]:
+    """Cross-field checks and file existence. Returns the list of problems (empty = valid)."""
+    errors: list[str] = []
+    for s in cfg.stages:
+        if s not in STAGES:
+            errors.append(f"stages: unknown stage {s!r} (known: {', '.join(STAGES)})")
+    order = [s for s in STAGES if s in cfg.stages]
+    if order != [s for s in cfg.stages if s in STAGES]:
+        errors.append(f"stages: must be in pipeline order {list(STAGES)}")
+
+    def path_ok(where: str, p: str | None, kind: str = "any") -> None:
+        if p is None:
+            return
+        full = p if os.path.isabs(p) else os.path.join(base_dir, p)
+        if kind == "dir" and not os.path.isdir(full):
+            errors.append(f"{where}: directory {p!r} does not exist")
+        elif kind == "file" and not os.path.isfile(full):
+            errors.append(f"{where}: file {p!r} does not exist")
+        elif kind == "hf" and not os.path.isfile(os.path.join(full, "config.json")):
+            errors.append(f"{where}: {p!r} is not a Hugging Face model directory (no config.json)")
+
+    path_ok("tokenizer.path", cfg.tokenizer.path, "dir")
+    if cfg.task.kind == "prompt_file":
+        if not cfg.task.prompt_file:
+            errors.append("task.prompt_file: required when task.kind is prompt_file")
+        path_ok("task.prompt_file", cfg.task.prompt_file, "file")
+        path_ok("task.eval_prompt_file", cfg.task.eval_prompt_file, "file")
+    for d in cfg.task.difficulty:
+        if not isinstance(d, int) or not 1 <= d <= 3:
+            errors.append(f"task.difficulty: values must be 1..3, got {d!r}")
+    if not cfg.teachers:
+        errors.append("teachers: at least one teacher is required")
+    for name, t in cfg.teachers.items():
+        if t.path is None and t.init is None:
+            errors.append(f"teachers.{name}: give either path (HF directory) or init (build in-run)")
+        if t.path is not None and t.init is not None:
+            errors.append(f"teachers.{name}: give path or init, not both")
+        path_ok(f"teachers.{name}.path", t.path, "hf")
+        if t.init is not None and cfg.task.kind != "arithmetic":
+            errors.append(f"teachers.{name}.init: in-run teachers need task.kind=arithmetic")
+    if cfg.student.path is None and cfg.student.init is None:
+        errors.append("student: give either path (HF directory) or init (random init)")
+    path_ok("student.path", cfg.student.path, "hf")
+    if cfg.student.init_from_teacher_layers and cfg.student.init_from_teacher_layers not in cfg.teachers:
+        errors.append(f"student.init_from_teacher_layers: unknown teacher {cfg.student.init_from_teacher_layers!r}")
+    if cfg.teachers and cfg.sft_teacher not in cfg.teachers:
+        errors.append(f"sft_teacher: {cfg.sft_teacher!r} is not one of the teachers {sorted(cfg.teachers)}")
+    for t in cfg.precompute.teachers:
+        if t not in cfg.teachers:
+            errors.append(f"precompute.teachers: unknown teacher {t!r} (teachers: {sorted(cfg.teachers)})")
+    names = [a.name for a in cfg.arms]
+    if len(set(names)) != len(names):
+        errors.append(f"arms: names must be unique, got {names}")
+    for i, a in enumerate(cfg.arms):
+        if a.teacher not in cfg.teachers:
+            errors.append(f"arms[{i}].teacher: unknown teacher {a.teacher!r}")
+        if a.mode == "lightning" and a.teacher not in cfg.precompute.teachers and "train" in cfg.stages:
+            errors.append(f"arms[{i}] ({a.name}): lightning arm's teacher {a.teacher!r} is not in "
+                          "precompute.teachers")
+    for loop_name in ("sft", "opd"):
+        loop = getattr(cfg, loop_name)
+        _positive(errors, f"{loop_name}.steps", loop.steps)
+        _positive(errors, f"{loop_name}.batch_size", loop.batch_size)
+        if loop.micro_batch_size is not None and (loop.micro_batch_size <= 0
+                                                  or loop.batch_size % loop.micro_batch_size):
+            errors.append(f"{loop_name}.micro_batch_size: must divide batch_size {loop.batch_size}, "
+                          f"got {loop.micro_batch_size}")
+        _positive(errors, f"{loop_name}.optim.lr", loop.optim.lr)
+    for name, s in (("teacher_data", cfg.teacher_data), ("rollout", cfg.rollout)):
+        _positive(errors, f"{name}.temperature", s.temperature, allow_zero=True)
+        if not 0 < s.top_p <= 1:
+            errors.append(f"{name}.top_p: must be in (0, 1], got {s.top_p}")
+        _positive(errors, f"{name}.max_new_tokens", s.max_new_tokens)
+    _positive(errors, "opd.eps_low", cfg.opd.eps_low, allow_zero=True)
+    _positive(errors, "opd.eps_high", cfg.opd.eps_high, allow_zero=True)
+    if cfg.opd.tis_cap is not None:
+        _positive(errors, "opd.tis_cap", cfg.opd.tis_cap)
+    if cfg.export.arm is not None and cfg.export.arm not in names:
+        errors.append(f"export.arm: unknown arm {cfg.export.arm!r} (arms: {names})")
+    if cfg.eval.kl_teacher is not None and cfg.eval.kl_teacher not in cfg.teachers:
+        errors.append(f"eval.kl_teacher: unknown teacher {cfg.eval.kl_teacher!r}")
+    return errors
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = (), *, data: dict | None = None) -> Config:
+    """Read, override, type-check and validate a config. Raises ConfigValidationError listing every problem."""
+    source = path or "config"
+    if data is None:
+        if path is None:
+            raise ValueError("load_config needs a path or data")
+        if not os.path.isfile(path):
+            raise ConfigValidationError(source, [f"config file {path!r} does not exist"])
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigValidationError(source, [f"invalid YAML: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigValidationError(source, ["top level must be a mapping"])
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    problems: list[str] = []
+    for o in overrides:
+        try:
+            apply_override(data, o)
+        except (ValueError, IndexError, KeyError, TypeError) as e:
+            problems.append(f"override {o!r}: {e}")
+    cfg = _from_dict(Config, data, "", problems)
+    if not problems:
+        # Relative paths in a config are relative to the working directory the CLI runs in.
+        problems += validate(cfg, base_dir=".")
+    if problems:
+        raise ConfigValidationError(source, problems)
+    return cfg
+
+
+def config_reference(cls: type = Config, prefix: str = "") -> list[str]:
+    """Markdown table rows documenting every field (docs/config.md)."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   (f.default_factory() if f.default_factory is not dataclasses.MISSING else None))
+        inner = [a for a in (typing.get_args(tp) or ()) if dataclasses.is_dataclass(a)]
+        nested = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+        if nested is not None:
+            rows.append(f"| `{key}` | {_type_name(tp)} | | {f.metadata.get('doc', '')} |")
+            rows += config_reference(nested, key + ("[].", ".", ".NAME.")[
+                2 if typing.get_origin(tp) is dict else (0 if typing.get_origin(tp) is list else 1)])
+        else:
+            d = "" if dataclasses.is_dataclass(default) else f"`{default!r}`".replace("|", "\\|")
+            rows.append(f"| `{key}` | {_type_name(tp).replace('|', 'or')} | {d} | {f.metadata.get('doc', '')} |")
+    return rows
+
+
+def main() -> None:
+    print("# Configuration reference\n")
+    print("Generated by `python -m jopd.config`. Keys are dotted paths in the YAML; any can be overridden on the")
+    print("command line as `key.sub=value` (list items by index: `arms.0.teacher=B`).\n")
+    print("| key | type | default | meaning |\n|---|---|---|---|")
+    print("\n".join(config_reference()))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,284 @@
+"""Pure-functional, jitted train steps: SFT and (Lightning or online) OPD.
+
+A step is ``(state, batch) -> (state, metrics)`` with explicit in/out shardings and the state donated. The OPD
+step is ONE fused forward/backward: the "old" log-probs of the PPO ratio are the current ones under
+``stop_gradient`` (one optimizer update per batch), so no separate no-grad forward is ever run. With
+``micro_batch_size < batch_size`` the gradient is accumulated over micro-batches inside the same jit
+(``lax.scan``), using full-batch loss denominators so the result equals the full-batch gradient.
+
+A non-finite loss or gradient never reaches the parameters: the update is skipped inside the step and
+``metrics["nonfinite"]`` is set, which the caller turns into an error naming the batch.
+
+Example (one Lightning OPD step on a tiny model, no CLI)::
+
+    from jopd import models, steps
+    model = models.from_params(cfg, models.init_params(cfg))
+    opt = steps.make_optimizer(lr=1e-4, total_steps=100)
+    state = steps.init_state(model.params, opt)
+    step = steps.make_opd_step(cfg, opt, steps.OPDLossConfig(), mesh=model.mesh, state=state)
+    state, metrics = step(state, batch)   # batch: tokens, response_mask, teacher_logprobs [B, T]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jopd import losses, sharding
+from jopd.models.config import ModelConfig
+from jopd.models.logprobs import logprobs_fn
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+class TrainState(NamedTuple):
+    step: Array  # int32 scalar
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OPDLossConfig:
+    """Static settings of the OPD loss (see :func:`jopd.losses.opd_loss`)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: Literal["token_mean", "seq_mean"] = "seq_mean"
+    normalize_advantages: bool = False
+    kl_coef: float = 0.0
+    tis_cap: float | None = None
+
+
+def lr_schedule(lr: float, total_steps: int, *, schedule: str = "constant", warmup_steps: int = 0,
+                min_lr_ratio: float = 0.1) -> optax.Schedule:
+    """Linear warm-up then constant / cosine / linear decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "constant":
+        decay = optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
+    elif schedule == "linear":
+        decay = optax.linear_schedule(lr, lr * min_lr_ratio, decay_steps)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r} (constant, cosine, linear)")
+    if warmup_steps <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+    # Weight decay on matrices only: norms and biases (ndim <= 1 per layer) are not decayed.
+    def keep(path, x):
+        name = str(path[-1].key) if hasattr(path[-1], "key") else ""
+        return not (name.endswith("norm") or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(*, lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0,
+                   min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.98,
+                   eps: float = 1e-8, grad_clip: float = 1.0) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and a warm-up/decay schedule (state in fp32)."""
+    sched = lr_schedule(lr, total_steps, schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+    parts = []
+    if grad_clip and grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def optimizer_from_section(optim: Any, total_steps: int) -> optax.GradientTransformation:
+    """Build from a config ``OptimSection``."""
+    return make_optimizer(lr=optim.lr, total_steps=total_steps, schedule=optim.schedule,
+                          warmup_steps=optim.warmup_steps, min_lr_ratio=optim.min_lr_ratio,
+                          weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                          grad_clip=optim.grad_clip)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """A TrainState whose optimizer state is sharded like the params (Adam moments mirror them)."""
+    opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def state_shardings(state: TrainState, mesh) -> Any:
+    """NamedShardings of every state leaf (scalars and unsharded leaves replicated on ``mesh``)."""
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def sh(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else rep
+
+    return jax.tree.map(sh, state)
+
+
+# ---- losses on a model ---------------------------------------------------------------------------------
+def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig, num_tokens: Array,
+                  num_seqs: Array, ref_params: Any = None) -> tuple[Array, dict[str, Array]]:
+    """OPD loss of one (micro-)batch: tokens, response_mask, teacher_logprobs [+ behaviour_logprobs]."""
+    mask = batch["response_mask"]
+    student = logprobs_fn(params, config, batch["tokens"], mask)
+    ref = None
+    if loss_cfg.kl_coef > 0:
+        if ref_params is None:
+            raise ValueError("kl_coef > 0 needs ref_params (the SFT policy)")
+        ref = jax.lax.stop_gradient(logprobs_fn(ref_params, config, batch["tokens"], mask))
+    behaviour = batch.get("behaviour_logprobs") if (loss_cfg.tis_cap is not None or
+                                                    "behaviour_logprobs" in batch) else None
+    return losses.opd_loss(
+        student, batch["teacher_logprobs"], mask, behaviour_logprobs=behaviour, ref_logprobs=ref,
+        eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, aggregation=loss_cfg.aggregation,
+        normalize_advantages=loss_cfg.normalize_advantages, tis_cap=loss_cfg.tis_cap, kl_coef=loss_cfg.kl_coef,
+        num_tokens=num_tokens, num_seqs=num_seqs,
+    )
+
+
+def sft_objective(params: Any, config: ModelConfig, batch: Batch, aggregation: str, num_tokens: Array,
+                  num_seqs: Array) -> tuple[Array, dict[str, Array]]:
+    """Cross-entropy on response tokens only: tokens, response_mask."""
+    lp = logprobs_fn(params, config, batch["tokens"], batch["response_mask"])
+    return losses.sft_loss(lp, batch["response_mask"], aggregation=aggregation, num_tokens=num_tokens,
+                           num_seqs=num_seqs)
+
+
+# ---- the generic step ----------------------------------------------------------------------------------
+Objective = Callable[[Any, Batch, Array, Array], tuple[Array, dict[str, Array]]]
+
+
+def _accumulated_grads(objective: Objective, params: Any, batch: Batch, micro_batches: int,
+                       aggregation: str) -> tuple[Array, Any, dict[str, Array]]:
+    num_tokens, num_seqs = losses.loss_denominators(batch["response_mask"])
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if micro_batches == 1:
+        (loss, metrics), grads = grad_fn(params, batch, num_tokens, num_seqs)
+        return loss, grads, metrics
+
+    def split(x):
+        x = x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
+        return x
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        loss_acc, grad_acc = carry
+        mb = jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        (loss, metrics), grads = grad_fn(params, mb, num_tokens, num_seqs)
+        grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+        return (loss_acc + loss, grad_acc), metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    # Metrics are per-micro-batch masked means: combine weighted by each micro-batch's token count.
+    weights = metrics["num_tokens"] / jnp.maximum(jnp.sum(metrics["num_tokens"]), 1.0)
+    combined = {}
+    for k, v in metrics.items():
+        if k in ("num_tokens", "num_seqs"):
+            combined[k] = jnp.sum(v)
+        elif k.endswith("_max"):
+            combined[k] = jnp.max(v)
+        else:
+            combined[k] = jnp.sum(v * weights)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss, grads, combined
+
+
+def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array],
+           optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # Skip (keep the old state) when anything is non-finite; the caller raises with the batch identified.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(state.step + finite.astype(jnp.int32), keep(new_params, state.params),
+                           keep(new_opt, state.opt_state))
+    out = dict(metrics)
+    out.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite)
+    return new_state, out
+
+
+def _train_step(state: TrainState, batch: Batch, *, objective: Objective, optimizer, micro_batches: int,
+                aggregation: str, mesh) -> tuple[TrainState, dict[str, Array]]:
+    with sharding.activate(mesh):
+        loss, grads, metrics = _accumulated_grads(lambda p, b, nt, ns: objective(p, b, nt, ns), state.params,
+                                                  batch, micro_batches, aggregation)
+        return _apply(state, loss, grads, metrics, optimizer)
+
+
+def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...], batch_size: int,
+              extra_args: int = 0) -> Callable:
+    st_sh = state_shardings(state, mesh)
+    b_sh = {k: sharding.batch_sharding(mesh, 2, batch_size) for k in batch_keys}
+    rep = NamedSharding(mesh, PartitionSpec())
+    in_sh = (st_sh, b_sh) + (None,) * extra_args
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=(st_sh, rep), donate_argnums=(0,))
+
+
+def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, mesh, state: TrainState,
+                  batch_size: int, micro_batch_size: int | None = None, with_behaviour: bool = False,
+                  with_ref: bool = False) -> Callable:
+    """Jitted OPD step ``(state, batch[, ref_params]) -> (state, metrics)``.
+
+    batch: ``tokens`` int32, ``response_mask`` int32, ``teacher_logprobs`` f32 [+ ``behaviour_logprobs``],
+    all ``[batch_size, T]``, sharded over the mesh's batch axes. ``with_ref`` adds a third argument: the
+    reference (SFT) params for the KL penalty.
+    """
+    micro = batch_size // (micro_batch_size or batch_size)
+
+    def step(state, batch, ref_params=None):
+        objective = lambda p, b, nt, ns: opd_objective(p, config, b, loss_cfg, nt, ns, ref_params)  # noqa: E731
+        return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
+                           aggregation=loss_cfg.aggregation, mesh=mesh)
+
+    keys = ("tokens", "response_mask", "teacher_logprobs") + (("behaviour_logprobs",) if with_behaviour else ())
+    if with_ref:
+        return _jit_step(step, state, mesh, keys, batch_size, extra_args=1)
+    return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)
+
+
+def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, batch_size: int,
+                  micro_batch_size: int | None = None, aggregation: str = "token_mean") -> Callable:
+    """Jitted SFT step ``(state, batch) -> (state, metrics)``; batch: tokens, response_mask ``[B, T]``."""
+    micro = batch_size // (micro_batch_size or batch_size)
+
+    def step(state, batch):
+        objective = lambda p, b, nt, ns: sft_objective(p, config, b, aggregation, nt, ns)  # noqa: E731
+        return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
+                           aggregation=aggregation, mesh=mesh)
+
+    return _jit_step(step, state, mesh, ("tokens", "response_mask"), batch_size)
+
+
+def make_eval_loss(config: ModelConfig, *, mesh, aggregation: str = "token_mean") -> Callable:
+    """Jitted held-out SFT loss ``(params, batch) -> metrics`` (no gradient)."""
+
+    def fn(params, batch):
+        with sharding.activate(mesh):
+            nt, ns = losses.loss_denominators(batch["response_mask"])
+            loss, metrics = sft_objective(params, config, batch, aggregation, nt, ns)
+            return {**metrics, "loss": loss}
+
+    return jax.jit(fn)
+
+
+def shard_batch(batch: dict[str, Any], mesh) -> Batch:
+    """Place host numpy arrays ``[B, ...]`` on the mesh, split over its batch axes.
+
+    Multi-process: each process passes its own rows (``[B / process_count, ...]``) and the global array is
+    assembled with ``jax.make_array_from_process_local_data``.
+    """
+    out = {}
+    for k, v in batch.items():
+        sh = sharding.batch_sharding(mesh, v.ndim, v.shape[0] * jax.process_count())
+        if jax.process_count() > 1:
+            out[k] = jax.make_array_from_process_local_data(sh, v)
+        else:
+            out[k] = jax.device_put(v, sh)
+    return out

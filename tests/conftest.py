@@ -1,0 +1,97 @@
+"""Shared test setup.
+
+Every test process gets 8 simulated CPU devices (set before jax is imported anywhere) so sharded code paths
+run on a laptop; single-device tests build their meshes from ``jax.devices()[:1]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+FIXTURES = TESTS_DIR / "fixtures"
+HF_FIXTURES = FIXTURES / "hf"
+REF_FIXTURES = FIXTURES / "ref"
+TINY_CASES = ("llama_tied", "llama_untied_rope3", "qwen2_bias", "qwen3_qknorm", "qwen3_moe", "qwen3_moe_nonorm")
+
+
+def hf_dir(case: str) -> pathlib.Path:
+    path = HF_FIXTURES / case
+    if not (path / "config.json").is_file():
+        pytest.fail(f"missing test fixture {path}: run `python scripts/make_reference_fixtures.py`")
+    return path
+
+
+def ref_path(case: str) -> pathlib.Path:
+    path = REF_FIXTURES / f"{case}.npz"
+    if not path.is_file():
+        pytest.fail(f"missing test fixture {path}: run `python scripts/make_reference_fixtures.py`")
+    return path
+
+
+def load_ref(case: str) -> dict:
+    import numpy as np
+
+    with np.load(ref_path(case)) as f:
+        return {k: f[k] for k in f.files}
+
+
+def gen_prompts(ref: dict) -> list[list[int]]:
+    """The reference's greedy-generation prompts as lists of token ids (padding removed)."""
+    return [ref["gen_prompts"][i, :n].tolist() for i, n in enumerate(ref["gen_prompt_lens"])]
+
+
+def compare_len(margins, tie: float = 1e-4) -> int:
+    """Number of leading generated tokens that must agree: stop at the first near-tie step (a tie may go
+    either way, and everything after it can then differ)."""
+    import numpy as np
+
+    ties = np.flatnonzero(np.asarray(margins) < tie)
+    return int(ties[0]) if ties.size else len(margins)
+
+
+def eight_devices() -> list:
+    """8 devices for sharded tests: the default backend's if it has 8, else the simulated CPU ones."""
+    devs = jax.devices()
+    if len(devs) >= 8:
+        return devs[:8]
+    cpus = jax.devices("cpu")
+    if len(cpus) >= 8:
+        return cpus[:8]
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 was set too late?)")
+
+
+def one_device() -> list:
+    return jax.devices()[:1]
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> pathlib.Path:
+    """The converted SmolLM2-135M-Instruct directory from ``$JOPD_SMOLLM2_DIR``.
+
+    Skipped when unavailable locally; under CI (``CI=true``) a missing model is a failure, so the real-model
+    tests can never silently disappear.
+    """
+    env = os.environ.get("JOPD_SMOLLM2_DIR")
+    if not env:
+        problem = "JOPD_SMOLLM2_DIR is not set (run `make smollm2` and export it, or use `make test`)"
+    elif not (pathlib.Path(env) / "config.json").is_file():
+        problem = f"JOPD_SMOLLM2_DIR={env} has no config.json (run `make smollm2`)"
+    else:
+        return pathlib.Path(env)
+    if _ci():
+        pytest.fail(f"CI=true but the SmolLM2 model is unavailable: {problem}")
+    pytest.skip(problem)
