@@ -199,6 +199,15 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int) -> tuple[
     return tokens, mask
 
 
+def _to_host(arrays):
+    """Fetch outputs to every process (a multi-host mesh spreads the batch over processes)."""
+    if all(getattr(a, "is_fully_addressable", True) for a in arrays):
+        return jax.device_get(arrays)
+    from jax.experimental import multihost_utils
+
+    return tuple(np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in arrays)
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
              batch_size: int = 64, min_prompt_bucket: int = 16) -> GenerationResult:
@@ -241,7 +250,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         if mesh is not None:
             args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim, rows)) for a in args]
         state = prefill(model.params, *args, base_key)
-        toks, lps, lengths, done = jax.device_get(decode(model.params, state, args[2], base_key))
+        toks, lps, lengths, done = _to_host(decode(model.params, state, args[2], base_key))
         for i in range(len(chunk)):
             n = int(lengths[i])
             out_tokens.append(toks[i, :n].tolist())

@@ -345,8 +345,8 @@ def test_accumulation_equals_full_batch(data, mode, fused):
     parts = [slice(0, 4), slice(4, B)]
     l_acc, g_parts = 0.0, []
     for rows in parts:
-        l, g = jax.value_and_grad(loss_fn)(_j(data["student"][rows]), rows, num_tokens, num_seqs)
-        l_acc += float(l)
+        loss_part, g = jax.value_and_grad(loss_fn)(_j(data["student"][rows]), rows, num_tokens, num_seqs)
+        l_acc += float(loss_part)
         g_parts.append(np.asarray(g))
     np.testing.assert_allclose(l_acc, float(l_full), rtol=1e-5)
     np.testing.assert_allclose(np.concatenate(g_parts), np.asarray(g_full), rtol=1e-5, atol=1e-9)

@@ -343,7 +343,7 @@ def test_bf16_compute_close_to_fp32(tiny):
     assert lp.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(lp)))
     err = np.abs(np.asarray(lp) - np.asarray(lp_naive))
     scale = np.abs(np.asarray(lp_naive)).max()
-    assert err.max() < 0.05 * scale, (err.max(), scale)
+    assert err.max() < 0.01 * scale + 0.05, (err.max(), scale)  # observed ~0.04 at scale ~18
     assert np.all(np.asarray(lp)[np.asarray(mask) == 0] == 0)
 
 
@@ -360,7 +360,7 @@ def test_padded_vocab_uses_full_output_layer():
     naive = np.asarray(jax.jit(naive_logprobs_fn, static_argnums=1)(params, config, tokens, mask))
     np.testing.assert_allclose(lp, naive, rtol=0, atol=2e-5)
 
-    h = np.asarray(hidden_states(params, config, tokens), np.float64)
+    h = np.asarray(jax.jit(hidden_states, static_argnums=1)(params, config, tokens), np.float64)
     logits = h @ np.asarray(output_kernel(params, config), np.float64)  # [B, T, 64]
 
     def ref_lp(lg):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,10 +44,27 @@ def model(params):
     return from_params(_config(), params, mesh=mesh)
 
 
+REF_LEN = 32  # one compiled shape for all reference forwards
+
+
+@jax.jit
+def _ref_hidden(params, tokens):
+    return hidden_states(params, _config(), tokens)
+
+
+def all_logits(params, seq) -> np.ndarray:
+    """float64 logits ``[len(seq), V]`` after every prefix of ``seq`` (full causal forward, no KV cache;
+    right padding to REF_LEN cannot affect earlier positions)."""
+    assert len(seq) <= REF_LEN
+    tokens = np.zeros((1, REF_LEN), np.int32)
+    tokens[0, :len(seq)] = seq
+    h = np.asarray(_ref_hidden(params, jnp.asarray(tokens))[0, :len(seq)], np.float64)
+    return h @ np.asarray(output_kernel(params, _config()), np.float64)
+
+
 def next_logits(params, prompt) -> np.ndarray:
-    """float64 logits of the token following ``prompt`` (full forward, no KV cache)."""
-    h = hidden_states(params, _config(), jnp.asarray([prompt], jnp.int32))[0, -1]
-    return np.asarray(h, np.float64) @ np.asarray(output_kernel(params, _config()), np.float64)
+    """float64 logits of the token following ``prompt``."""
+    return all_logits(params, prompt)[-1]
 
 
 def np_truncated(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
@@ -254,9 +272,8 @@ def test_generate_matches_full_forward(model, params):
     """Greedy decode with the KV cache == argmax of a full (cache-free) forward at every step."""
     prompt = [5, 3, 8, 1, 1, 12]
     out = generate(model, [prompt], max_new_tokens=10)
-    seq = list(prompt)
-    for tok, lp in zip(out.tokens[0], out.logprobs[0]):
-        logits = next_logits(params, seq)
-        assert tok == int(np.argmax(logits))
-        np.testing.assert_allclose(lp, np_log_softmax(logits)[tok], rtol=0, atol=1e-4)
-        seq.append(tok)
+    toks = out.tokens[0]
+    logits = all_logits(params, prompt + toks)[len(prompt) - 1:-1]  # the distribution each token came from
+    np.testing.assert_array_equal(toks, np.argmax(logits, axis=-1))
+    np.testing.assert_allclose(out.logprobs[0], np_log_softmax(logits)[np.arange(len(toks)), toks],
+                               rtol=0, atol=1e-4)

@@ -92,7 +92,7 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -113,7 +113,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **runtime: Any) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **runtime: Any) -> ModelConfig:
         """Build from a parsed HF config.json; ``runtime`` sets jopd's own fields (dtypes, remat...)."""
         where = source
 
@@ -142,10 +142,12 @@ class ModelConfig:
 
         # rope: transformers 5 nests theta and scaling in rope_parameters; 4.x has rope_theta + rope_scaling.
         rope = dict(hf.get("rope_parameters") or {})
-        if hf.get("rope_scaling"):
-            rope = {**rope, **hf["rope_scaling"]}
+        scaling_4x = dict(hf.get("rope_scaling") or {})
+        rope = {**rope, **scaling_4x}
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        # An explicit 4.x rope_scaling type wins over a 5.x default rope_parameters entry.
+        rope_type = (scaling_4x.get("rope_type") or scaling_4x.get("type") or rope.get("rope_type")
+                     or rope.get("type") or "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
@@ -213,7 +215,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **runtime: Any) -> "ModelConfig":
+    def from_pretrained(cls, path: str | os.PathLike, **runtime: Any) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: no config.json (expected a Hugging Face model directory)")

@@ -19,6 +19,7 @@ Parameter tree (shapes; ``L`` = layers, ``K`` = kv heads, ``H`` = query heads, `
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -249,13 +250,15 @@ def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: A
     return h
 
 
+@functools.lru_cache(maxsize=16)
+def _init_fn(config: ModelConfig):
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(lambda rng: Decoder(config).init(rng, tokens, tokens, causal_mask(1, 2))["params"])
+
+
 def init_params(config: ModelConfig, seed: int = 0) -> dict:
     """Random parameters (normal(0.02) kernels, unit norms, zero biases) in ``config.param_dtype``."""
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    variables = jax.jit(lambda rng: Decoder(config).init(rng, tokens, tokens, causal_mask(1, 2)))(
-        jax.random.PRNGKey(seed)
-    )
-    return variables["params"]
+    return _init_fn(config)(jax.random.PRNGKey(seed))
 
 
 def param_shapes(config: ModelConfig) -> dict:
