@@ -105,7 +105,14 @@ def optimizer_from_section(optim: Any, total_steps: int) -> optax.GradientTransf
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     """A TrainState whose optimizer state is sharded like the params (Adam moments mirror them)."""
     opt_state = jax.jit(optimizer.init)(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    # Scalars (step counts) come back on one device; place everything where the jitted step will return it,
+    # so the step compiles once rather than again on its second call.
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(getattr(x, "sharding", None),
+                                                                            NamedSharding)]
+    if meshes:
+        state = jax.device_put(state, state_shardings(state, meshes[0]))
+    return state
 
 
 def state_shardings(state: TrainState, mesh) -> Any:

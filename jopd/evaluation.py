@@ -1,0 +1,176 @@
+"""Held-out evaluation of a policy: task accuracy and a sampled estimate of reverse KL(student ‖ teacher).
+
+Accuracy
+    One response per prompt (greedy by default) that stops at the chat template's end-of-turn id or any of
+    the model's EOS ids, decoded with ``skip_special_tokens=True`` and checked against the prompt's label by
+    :func:`jopd.data.tasks.check_answer`.
+
+Reverse KL
+    ``KL(π_s ‖ π_t) = E_{y ~ π_s}[Σ_t log π_s(y_t | ·) − log π_t(y_t | ·)]``, estimated on *fresh* student
+    samples drawn at temperature 1 with no top-k/top-p truncation, so the sampler's behaviour log-probs are
+    the student's own. The teacher scores the same prompt + response tokens with :func:`token_logprobs`.
+    Reported both per token (``reverse_kl``: sum of all log-ratios / number of response tokens) and per
+    sequence (``reverse_kl_seq``: mean over samples of each sample's summed log-ratio). Each term is an
+    unbiased single-sample estimate of the per-position KL in expectation, so small or even negative values
+    are possible when student and teacher are close.
+
+Only pure functions and the given models are used: nothing is read from or written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jopd.data.tasks import check_answer
+from jopd.data.tokenizer import end_of_turn_id
+from jopd.models import token_logprobs
+from jopd.models.hf import Model
+from jopd.sampling import generate
+
+__all__ = ["evaluate_policy", "host_array", "reverse_kl_estimate", "stop_ids"]
+
+# How many (prompt, response, correct) examples evaluate_policy returns for the report.
+NUM_SAMPLES = 4
+# Shortest padded sequence length of the teacher scoring pass (lengths are rounded up to powers of two).
+MIN_SEQ_BUCKET = 16
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): keeps the number of compiled shapes logarithmic."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def stop_ids(model: Model, tokenizer: Any) -> tuple[int, ...]:
+    """Ids that end a response: the tokenizer's end-of-turn id plus the model config's EOS ids."""
+    ids = {int(end_of_turn_id(tokenizer))} | {int(e) for e in model.config.eos_token_id}
+    return tuple(sorted(ids))
+
+
+def reverse_kl_estimate(teacher: Model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                        student_logprobs: Sequence[Sequence[float]], *, batch_size: int = 64
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sequence sums of ``student_lp − teacher_lp`` over response tokens, and the response lengths.
+
+    Sequences (prompt + response) are right-padded into power-of-two length buckets and row counts, so
+    repeated evaluations reuse the compiled teacher forward pass.
+
+    Returns:
+        ``(log_ratio_sums [N] float64, response_lengths [N] int64)``.
+    """
+    if not (len(prompts) == len(responses) == len(student_logprobs)):
+        raise ValueError("prompts, responses and student_logprobs must have the same length")
+    n = len(prompts)
+    sums = np.zeros(n, np.float64)
+    lengths = np.array([len(r) for r in responses], np.int64)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        seq_len = _bucket(max(len(prompts[i]) + len(responses[i]) for i in idx), MIN_SEQ_BUCKET)
+        rows = _bucket(len(idx))
+        tokens = np.zeros((rows, seq_len), np.int32)
+        mask = np.zeros((rows, seq_len), np.int32)
+        resp_mask = np.zeros((rows, seq_len), bool)
+        student = np.zeros((rows, seq_len), np.float64)
+        for r, i in enumerate(idx):
+            p, y = list(prompts[i]), list(responses[i])
+            if len(student_logprobs[i]) != len(y):
+                raise ValueError(f"row {i}: {len(y)} response tokens but {len(student_logprobs[i])} log-probs")
+            tokens[r, :len(p) + len(y)] = p + y
+            mask[r, :len(p) + len(y)] = 1
+            resp_mask[r, len(p):len(p) + len(y)] = True
+            student[r, len(p):len(p) + len(y)] = student_logprobs[i]
+        # Unused rows keep one real token so every row is a valid (trivially short) sequence.
+        mask[len(idx):, 0] = 1
+        teacher_lp = host_array(token_logprobs(teacher, tokens, mask)).astype(np.float64)
+        ratio = np.where(resp_mask, student - teacher_lp, 0.0)
+        sums[start:start + len(idx)] = ratio[:len(idx)].sum(axis=1)
+    return sums, lengths
+
+
+def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_new_tokens: int,
+                    temperature: float = 0.0, batch_size: int = 64, seed: int = 0, kl_teacher: Model | None = None,
+                    kl_samples: int = 1, eos_token_id: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """Accuracy (and optionally reverse KL to ``kl_teacher``) of ``model`` on held-out prompts.
+
+    Args:
+        model: The policy to evaluate.
+        prompts: Rows with ``"prompt_ids"`` (chat-templated ids) and ``"label"``; ``"prompt"`` (text) is
+            used for the returned examples when present.
+        tokenizer: The run's tokenizer (decoding and the end-of-turn id).
+        max_new_tokens: Response length limit (the stop id included).
+        temperature: Sampling temperature of the accuracy responses (0 = greedy).
+        batch_size: Prompts per generate call / rows per teacher scoring pass.
+        seed: Sampling seed (accuracy samples use ``seed``, KL samples ``seed + 1``).
+        kl_teacher: Teacher for the reverse-KL estimate; None skips it.
+        kl_samples: Student samples per prompt for the KL estimate.
+        eos_token_id: Stop ids; default :func:`stop_ids` (end-of-turn + the model's EOS ids).
+
+    Returns:
+        ``accuracy``, ``num_prompts``, ``num_correct``, ``eos_rate`` (fraction of responses that ended with a
+        stop id rather than hitting ``max_new_tokens``), ``mean_response_len`` (tokens, stop id included),
+        ``generated_tokens``, ``samples`` (a few ``{"prompt", "response", "label", "correct"}``) and, with a
+        teacher, ``reverse_kl``, ``reverse_kl_seq``, ``kl_num_sequences``, ``kl_response_tokens``,
+        ``kl_mean_response_len`` and ``kl_eos_rate``.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if kl_samples < 1:
+        raise ValueError(f"kl_samples must be >= 1, got {kl_samples}")
+    stops: int | Sequence[int] = eos_token_id if eos_token_id is not None else stop_ids(model, tokenizer)
+    prompt_ids = [list(map(int, row["prompt_ids"])) for row in prompts]
+    out: dict[str, Any] = {"num_prompts": len(prompt_ids)}
+    if not prompt_ids:
+        raise ValueError("evaluate_policy needs at least one prompt")
+
+    gen = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                   eos_token_id=stops, seed=seed, batch_size=batch_size)
+    correct: list[bool] = []
+    samples: list[dict[str, Any]] = []
+    for row, ids, toks in zip(prompts, prompt_ids, gen.tokens):
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        ok = bool(check_answer(text, str(row.get("label", ""))))
+        correct.append(ok)
+        if len(samples) < NUM_SAMPLES:
+            prompt_text = row.get("prompt") or tokenizer.decode(ids, skip_special_tokens=True)
+            samples.append({"prompt": prompt_text, "response": text, "label": str(row.get("label", "")),
+                            "correct": ok})
+    lengths = np.array([len(t) for t in gen.tokens], np.float64)
+    out.update({
+        "accuracy": float(np.mean(correct)),
+        "num_correct": int(np.sum(correct)),
+        "eos_rate": float(np.mean(gen.ended_with_eos)),
+        "mean_response_len": float(lengths.mean()),
+        "generated_tokens": int(lengths.sum()),
+        "samples": samples,
+    })
+
+    if kl_teacher is not None:
+        kl_prompts = [p for p in prompt_ids for _ in range(kl_samples)]
+        # Temperature 1 and no truncation: the behaviour log-probs are the student's own distribution.
+        kl_gen = generate(model, kl_prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                          eos_token_id=stops, seed=seed + 1, batch_size=batch_size)
+        sums, resp_lens = reverse_kl_estimate(kl_teacher, kl_prompts, kl_gen.tokens, kl_gen.logprobs,
+                                              batch_size=batch_size)
+        total_tokens = int(resp_lens.sum())
+        out.update({
+            "reverse_kl": float(sums.sum() / max(total_tokens, 1)),
+            "reverse_kl_seq": float(sums.mean()),
+            "kl_num_sequences": len(kl_prompts),
+            "kl_response_tokens": total_tokens,
+            "kl_mean_response_len": float(resp_lens.mean()),
+            "kl_eos_rate": float(np.mean(kl_gen.ended_with_eos)),
+        })
+        out["generated_tokens"] += total_tokens
+    return out

@@ -1,0 +1,290 @@
+"""Evaluation, export and report: jopd.evaluation, jopd.stages.{evaluate,export,report}.
+
+* reverse KL of a model against itself is 0 (up to fp error), against a different model positive;
+* accuracy counts correct responses (generation replaced by known token ids);
+* the teacher scoring pass is aligned with the response positions;
+* the report of a fabricated run directory shows the computed speed-ups and findings and writes valid PNGs,
+  and says what is missing instead of failing;
+* export round trip: HF directory, transformers loads it, log-probs match jopd's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jopd import evaluation
+from jopd.config import ArchSection, PrecisionSection, load_config
+from jopd.data import tasks
+from jopd.data import tokenizer as toklib
+from jopd.models import from_params, init_params, save_pretrained, token_logprobs
+from jopd.sampling import GenerationResult
+from jopd.sharding import single_device_mesh
+from jopd.stages.base import RunContext, StageError, atomic_write_json, run_stage
+from jopd.stages.prepare import arch_to_config
+
+TINY_ARCH = ArchSection(model_type="qwen3", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=16, max_position_embeddings=128)
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    return toklib.build_char_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return toklib.load_tokenizer(str(tok_dir))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return single_device_mesh()
+
+
+@pytest.fixture(scope="module")
+def student(tok, mesh):
+    cfg = arch_to_config(TINY_ARCH, tok, PrecisionSection())
+    return from_params(cfg, init_params(cfg, 0), mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def other(tok, mesh):
+    """A different model with a peaked output distribution (embedding scaled up), far from ``student``."""
+    cfg = arch_to_config(TINY_ARCH, tok, PrecisionSection())
+    params = init_params(cfg, 1)
+    params["embedding"] = params["embedding"] * 30.0
+    return from_params(cfg, params, mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok) -> list[dict]:
+    return [{"prompt": p.prompt, "label": p.answer, "prompt_ids": toklib.encode_chat_prompt(tok, p.prompt)}
+            for p in tasks.make_problems("eval", 6, 0, 1)]
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def test_reverse_kl_of_a_model_against_itself_is_zero(student, prompts, tok):
+    res = evaluation.evaluate_policy(student, prompts, tok, max_new_tokens=12, kl_teacher=student, kl_samples=2)
+    assert res["kl_num_sequences"] == 2 * len(prompts)
+    assert res["kl_response_tokens"] > 0
+    assert abs(res["reverse_kl"]) < 1e-5
+    assert abs(res["reverse_kl_seq"]) < 1e-4
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["num_prompts"] == len(prompts)
+
+
+def test_reverse_kl_against_another_model_is_positive(student, other, prompts, tok):
+    res = evaluation.evaluate_policy(student, prompts, tok, max_new_tokens=12, kl_teacher=other, kl_samples=2)
+    assert res["reverse_kl"] > 0.1
+    # Per-sequence value = per-token value x tokens per sequence (same samples).
+    np.testing.assert_allclose(res["reverse_kl_seq"],
+                               res["reverse_kl"] * res["kl_response_tokens"] / res["kl_num_sequences"], rtol=1e-6)
+
+
+def test_teacher_scoring_is_aligned_with_response_positions(other, prompts):
+    """Feeding the teacher's own log-probs as the 'student' ones gives exactly zero log-ratio."""
+    rng = np.random.default_rng(0)
+    ps = [r["prompt_ids"] for r in prompts]
+    responses = [rng.integers(6, 90, size=n).tolist() for n in (1, 5, 9, 3, 7, 2)]
+    lps = []
+    for p, y in zip(ps, responses):
+        seq = np.asarray([p + y], np.int32)
+        lp = np.asarray(token_logprobs(other, seq, np.ones_like(seq)))[0]
+        lps.append(lp[len(p):].tolist())
+    sums, lengths = evaluation.reverse_kl_estimate(other, ps, responses, lps, batch_size=4)
+    assert lengths.tolist() == [1, 5, 9, 3, 7, 2]
+    np.testing.assert_allclose(sums, 0.0, atol=1e-4)
+    shifted = [[v + 0.5 for v in lp] for lp in lps]  # student log-probs 0.5 higher at every token
+    sums2, _ = evaluation.reverse_kl_estimate(other, ps, responses, shifted, batch_size=4)
+    np.testing.assert_allclose(sums2, 0.5 * lengths, atol=1e-4)
+
+
+def test_accuracy_counts_correct_responses(student, tok, monkeypatch):
+    eos = toklib.end_of_turn_id(tok)
+    rows = [{"prompt": "Compute 3+4.", "label": "7"}, {"prompt": "Compute 2+2.", "label": "4"},
+            {"prompt": "What is 9-1?", "label": "8"}, {"prompt": "Compute 5+5.", "label": "10"}]
+    for r in rows:
+        r["prompt_ids"] = toklib.encode_chat_prompt(tok, r["prompt"])
+    texts = ["3+4=7\nanswer: 7", "2+2=5\nanswer: 5", "9-1=8\nanswer: 8", "5+5=10\nansw"]
+    ended = [True, True, True, False]
+    responses = [toklib.encode_response(tok, t, add_eos=e) for t, e in zip(texts, ended)]
+    calls = []
+
+    def fake_generate(model, prompt_ids, **kw):
+        calls.append(kw)
+        assert [list(p) for p in prompt_ids] == [r["prompt_ids"] for r in rows]
+        return GenerationResult(responses, [[0.0] * len(t) for t in responses], ended)
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    res = evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16)
+    assert res["accuracy"] == 0.5 and res["num_correct"] == 2
+    assert res["eos_rate"] == 0.75
+    assert res["mean_response_len"] == pytest.approx(np.mean([len(t) for t in responses]))
+    assert [s["correct"] for s in res["samples"]] == [True, False, True, False]
+    assert res["samples"][0] == {"prompt": "Compute 3+4.", "response": "3+4=7\nanswer: 7", "label": "7",
+                                 "correct": True}
+    assert "reverse_kl" not in res
+    assert calls[0]["temperature"] == 0.0 and eos in calls[0]["eos_token_id"]
+
+
+# ----------------------------------------------------------------------------------------------- run dirs
+def _config(run_dir: Path, **extra):
+    arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1, "head_dim": 16}
+    data = {"run_dir": str(run_dir), "stages": ["eval", "export", "report"],
+            "teachers": {"A": {"init": arch, "style": "A"}, "B": {"init": arch, "style": "B"}},
+            "student": {"init": arch}, "sft_teacher": "A", "precompute": {"teachers": ["A", "B"]},
+            "arms": [{"name": "lightning_A", "mode": "lightning", "teacher": "A"},
+                     {"name": "lightning_B", "mode": "lightning", "teacher": "B", "allow_inconsistent_teacher": True},
+                     {"name": "online_A", "mode": "online", "teacher": "A"}]}
+    data.update(extra)
+    return load_config(data=data)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _arm_rows(step_s: list[float], accs: list[float], kls: list[float], **phases: float) -> list[dict]:
+    rows, t = [{"step": 0, "eval/accuracy": accs[0], "eval/reverse_kl": kls[0], "time_s": 0.0}], 0.0
+    for i, s in enumerate(step_s, start=1):
+        t += s
+        rows.append({"step": i, "loss": 0.1, "tokens": 100.0, "time_s": t, "step_s": s, **phases})
+    rows.append({"step": len(step_s), "eval/accuracy": accs[1], "eval/reverse_kl": kls[1], "time_s": t})
+    return rows
+
+
+def _fabricate_run(run_dir: Path, *, with_online: bool = True) -> None:
+    """Outputs of every stage before report, with known numbers."""
+    done = {"rollout": {"seconds": 10.0, "outputs": {"response_tokens": 1000}},
+            "precompute": {"seconds": 6.0, "outputs": {"teachers": {
+                "A": {"seconds": 2.0, "response_tokens": 1000}, "B": {"seconds": 2.0, "response_tokens": 1000}}}},
+            "sft": {"seconds": 30.0, "outputs": {"train_seconds": 25.0, "tokens": 5000}},
+            "train": {"seconds": 50.0}, "eval": {"seconds": 5.0}}
+    if with_online:
+        done["online"] = {"seconds": 100.0}
+    for stage, rec in done.items():
+        atomic_write_json(run_dir / stage / "DONE.json", {"fingerprint": f"fp-{stage}", **rec})
+    arms = {"lightning_A": ("lightning", "A", True, 20.0), "lightning_B": ("lightning", "B", False, 21.0)}
+    if with_online:
+        arms["online_A"] = ("online", "A", True, 99.0)
+    for name, (mode, teacher, consistent, secs) in arms.items():
+        (run_dir / "arms" / name / "model").mkdir(parents=True)
+        (run_dir / "arms" / name / "model" / "config.json").write_text("{}")
+        atomic_write_json(run_dir / "arms" / name / "meta.json",
+                          {"mode": mode, "teacher_name": teacher, "consistent_teacher": consistent,
+                           "train_seconds": secs, "tokens": 400.0, "steps": 4})
+    _jsonl(run_dir / "metrics" / "arm_lightning_A.jsonl",
+           _arm_rows([5.0, 0.1, 0.1, 0.1, 0.1], [0.25, 0.5], [0.9, 0.3], data_s=0.01, update_s=0.09))
+    _jsonl(run_dir / "metrics" / "arm_lightning_B.jsonl",
+           _arm_rows([5.0, 0.1, 0.1, 0.1, 0.1], [0.25, 0.125], [0.9, 1.4], data_s=0.01, update_s=0.09))
+    if with_online:
+        _jsonl(run_dir / "metrics" / "arm_online_A.jsonl",
+               _arm_rows([8.0, 0.5, 0.5, 0.5, 0.5], [0.25, 0.5], [0.9, 0.35], gen_s=0.3, score_s=0.1, update_s=0.1))
+    sample = [{"prompt": "Compute 3+4.", "response": "3+4=7\nanswer: 7", "label": "7", "correct": True}]
+    results = {"sft": {"accuracy": 0.25, "reverse_kl": 0.9, "num_prompts": 8, "samples": sample},
+               "teacher:A": {"accuracy": 0.875, "reverse_kl": 0.0, "num_prompts": 8},
+               "arm:lightning_A": {"accuracy": 0.5, "reverse_kl": 0.3, "num_prompts": 8},
+               "arm:lightning_B": {"accuracy": 0.125, "reverse_kl": 1.4, "num_prompts": 8}}
+    if with_online:
+        results["arm:online_A"] = {"accuracy": 0.5, "reverse_kl": 0.35, "num_prompts": 8}
+    atomic_write_json(run_dir / "eval" / "results.json", results)
+
+
+def _is_png(path: Path) -> bool:
+    import matplotlib.image
+
+    if path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    img = matplotlib.image.imread(str(path))
+    return img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_report_from_fabricated_run(tmp_path, mesh, capsys):
+    from jopd.stages.report import STAGE
+
+    _fabricate_run(tmp_path)
+    ctx = RunContext(cfg=_config(tmp_path), run_dir=tmp_path, mesh=mesh)
+    summary = run_stage(STAGE, ctx)
+    text = (tmp_path / "report.md").read_text()
+    assert text in capsys.readouterr().out
+    sp = summary["speedups"]["A"]
+    # (a): online 99 s vs rollout 10 + precompute 6 x (2 / 4) + lightning 20 = 33 s.
+    assert sp["lightning_total_s"] == pytest.approx(33.0)
+    assert sp["total_speedup"] == pytest.approx(3.0)
+    # (b): compilation steps (5 s, 8 s) left out: 0.5 / 0.1.
+    assert sp["step_speedup"] == pytest.approx(5.0)
+    assert sp["online_phases"] == pytest.approx({"generate": 0.3, "score": 0.1, "update": 0.1})
+    assert "3.00x" in text and "5.00x" in text
+    assert "| arm lightning_B | lightning OPD | B | **no** | 0.125 |" in text
+    assert "Lightning OPD arm lightning_A (teacher A) improved held-out accuracy from 0.250 to 0.500" in text
+    assert "lightning_B (teacher B, not the SFT-data teacher A) ended worse than" in text
+    assert "no (ablation)" in text
+    plots = sorted((tmp_path / "plots").glob("*.png"))
+    assert [p.name for p in plots] == ["accuracy_vs_step.png", "accuracy_vs_time.png",
+                                       "reverse_kl_vs_step.png", "reverse_kl_vs_time.png"]
+    assert all(_is_png(p) for p in plots)
+
+
+def test_report_says_what_is_missing(tmp_path, mesh):
+    from jopd.stages.report import STAGE
+
+    _fabricate_run(tmp_path, with_online=False)
+    cfg = _config(tmp_path, arms=[{"name": "lightning_A", "mode": "lightning", "teacher": "A"},
+                                  {"name": "lightning_B", "mode": "lightning", "teacher": "B",
+                                   "allow_inconsistent_teacher": True}])
+    (tmp_path / "eval" / "results.json").unlink()
+    summary = STAGE.run(RunContext(cfg=cfg, run_dir=tmp_path, mesh=mesh))
+    text = (tmp_path / "report.md").read_text()
+    assert summary["speedups"] == {}
+    assert "No online OPD arm is configured" in text
+    assert "`eval/results.json` is missing" in text
+    assert "no speed-up to report" in text
+    # Without the eval stage the arms' final accuracies come from their last periodic evaluation.
+    assert "| arm lightning_A | lightning OPD | A | yes | 0.500 |" in text
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_eval_stage_refuses_missing_requested_models(tmp_path, mesh):
+    from jopd.stages.evaluate import STAGE, models_to_evaluate
+
+    cfg = _config(tmp_path, eval={"models": ["sft", "arm:online_A"]})
+    ctx = RunContext(cfg=cfg, run_dir=tmp_path, mesh=mesh)
+    with pytest.raises(StageError, match=r"sft .*arm:online_A"):
+        STAGE.inputs(ctx)
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    (tmp_path / "sft" / "model" / "config.json").write_text("{}")
+    all_present = RunContext(cfg=_config(tmp_path), run_dir=tmp_path, mesh=mesh)
+    assert list(models_to_evaluate(all_present)) == ["sft"]
+
+
+# ----------------------------------------------------------------------------------------------- export
+def test_export_round_trip(tmp_path, tok, student, prompts, mesh):
+    from jopd.stages.export import STAGE
+
+    tok_dir = toklib.build_char_tokenizer(tmp_path / "prepare" / "tokenizer")
+    save_pretrained(student, tmp_path / "arms" / "lightning_A" / "model", tokenizer_dir=str(tok_dir))
+    _jsonl(tmp_path / "prepare" / "prompts" / "eval.jsonl", prompts)
+    atomic_write_json(tmp_path / "prepare" / "DONE.json", {"fingerprint": "fp-prepare"})
+    ctx = RunContext(cfg=_config(tmp_path), run_dir=tmp_path, mesh=mesh)
+    summary = run_stage(STAGE, ctx)
+    out = tmp_path / "export"
+    assert summary["arm"] == "lightning_A" and summary["check_rows"] == 2
+    assert summary["jopd_vs_source_max_abs_diff"] == 0.0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "DONE.json",
+                 "STARTED.json"):
+        assert (out / name).is_file(), name
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert summary["transformers_check"].startswith("skipped")
+    else:
+        assert summary["transformers_check"] == "passed"
+        assert summary["transformers_max_abs_diff"] < 1e-4
+    # Up to date: a second run is skipped, not repeated.
+    assert run_stage(STAGE, ctx) == json.loads((out / "DONE.json").read_text())["outputs"]

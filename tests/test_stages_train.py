@@ -1,0 +1,346 @@
+"""Tests for the SFT loop and the OPD stages (train = Lightning OPD, online = standard OPD).
+
+Upstream outputs are fabricated (tiny random models, fake DONE.json records, a RolloutStore of random rows),
+so these tests do not depend on the teacher_data / rollout / precompute stages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from jopd import sharding
+from jopd.config import ArchSection, OptimSection, PrecisionSection, TrainLoop, load_config
+from jopd.data import tokenizer as toklib
+from jopd.data.store import RolloutStore
+from jopd.models import from_params, init_params, load_pretrained, save_pretrained
+from jopd.stages import sft as sft_mod
+from jopd.stages import train as train_mod
+from jopd.stages.base import RunContext, StageError, atomic_write_json, read_json, run_stage
+from jopd.stages.prepare import arch_to_config
+
+ARCH = ArchSection(model_type="qwen3", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                   num_kv_heads=1, head_dim=16, max_position_embeddings=256)
+N_ROWS, MAX_LEN, RPC = 16, 64, 8
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A persistent XLA compilation cache for this module only.
+
+    Each run of a stage builds fresh jitted steps for the same tiny model; on 2 CPU cores compiling them
+    dominates the runtime, and the cache turns every recompilation of an identical program into a load.
+    """
+    from jax._src import compilation_cache as cc
+
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cc.reset_cache()  # the cache is set up once per process: re-read the settings above
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.single_device_mesh()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory, mesh) -> Path:
+    """Tokenizer + tiny models (teachers A and B, the SFT student), built once and copied into each run."""
+    root = tmp_path_factory.mktemp("assets")
+    tok_dir = toklib.build_char_tokenizer(root / "tokenizer")
+    tok = toklib.load_tokenizer(str(tok_dir))
+    mcfg = arch_to_config(ARCH, tok, PrecisionSection())
+    # One init (each init_params call compiles); the other models are independent random perturbations of it.
+    base = jax.device_get(init_params(mcfg, 1))
+    for name, seed in (("A", 0), ("B", 2), ("student", 3)):
+        rng = np.random.default_rng(seed)
+        params = jax.tree.map(lambda x: x + (0.02 * rng.standard_normal(x.shape)).astype(x.dtype) if seed else x,
+                              base)
+        save_pretrained(from_params(mcfg, params, mesh=mesh), root / name, tokenizer_dir=str(tok_dir))
+    return root
+
+
+def _config(run_dir: Path, arms: list[dict[str, Any]], **opd: Any) -> Any:
+    arch = {k: getattr(ARCH, k) for k in ("model_type", "hidden_size", "intermediate_size", "num_layers",
+                                          "num_heads", "num_kv_heads", "head_dim")}
+    data = {
+        "run_dir": str(run_dir), "seed": 3,
+        "teachers": {"A": {"init": arch}, "B": {"init": arch, "style": "B"}},
+        "student": {"init": arch}, "sft_teacher": "A",
+        "precompute": {"teachers": ["A", "B"]},
+        "rollout": {"temperature": 1.0, "max_new_tokens": 8},
+        "opd": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
+                "eval_every": 0, "async_checkpointing": True, "optim": {"lr": 3e-3, "schedule": "constant"},
+                **opd},
+        "eval": {"max_new_tokens": 8, "batch_size": 8},
+        "arms": arms,
+    }
+    return load_config(data=data)
+
+
+def _write_store(path: Path, vocab: int, attrs: dict[str, Any], seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    store = RolloutStore.create(path, num_rows=N_ROWS, max_len=MAX_LEN, rows_per_chunk=RPC, attrs=attrs)
+    for c in range(store.num_chunks):
+        n = RPC
+        plen = rng.integers(5, 12, n)
+        rlen = rng.integers(3, 20, n)
+        tokens = rng.integers(6, vocab, (n, MAX_LEN))
+        tokens[np.arange(MAX_LEN)[None, :] >= (plen + rlen)[:, None]] = 0
+        store.write_rollout_chunk(c, tokens=tokens, prompt_len=plen, response_len=rlen,
+                                  behaviour_logprobs=-rng.random((n, MAX_LEN)) * 3 - 0.1,
+                                  ended_with_eos=np.ones(n, bool), truncated=np.zeros(n, bool),
+                                  prompt_index=np.arange(c * RPC, c * RPC + n), sample_index=np.zeros(n, np.int32))
+        store.write_teacher_chunk(c, -rng.random((n, MAX_LEN)) * 3 - 0.1)
+
+
+def make_run(root: Path, assets: Path, mesh, arms: list[dict[str, Any]], **opd: Any) -> RunContext:
+    """A run directory with prepare / teacher_data / sft / precompute outputs fabricated."""
+    run_dir = root / "run"
+    prep = run_dir / "prepare"
+    shutil.copytree(assets / "tokenizer", prep / "tokenizer")
+    for name in ("A", "B"):
+        shutil.copytree(assets / name, prep / "teachers" / name)
+    shutil.copytree(assets / "student", prep / "student_base")
+    shutil.copytree(assets / "student", run_dir / "sft" / "model")
+    ctx = RunContext(cfg=_config(run_dir, arms, **opd), run_dir=run_dir, mesh=mesh)
+    tok = ctx.tokenizer
+    for split, n in (("opd", 12), ("eval", 4)):
+        rows = [{"prompt": f"{i}+{i + 1}", "label": str(2 * i + 1),
+                 "prompt_ids": toklib.encode_chat_prompt(tok, f"{i}+{i + 1}")} for i in range(n)]
+        (prep / "prompts").mkdir(parents=True, exist_ok=True)
+        (prep / "prompts" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fp_a = ctx.teacher_fingerprint("A")
+    tok_fp = toklib.tokenizer_fingerprint(tok)
+    sft_out = {"sft_teacher_name": "A", "sft_teacher_fingerprint": fp_a,
+               "model_fingerprint": ctx.model_fingerprint(ctx.sft_model_dir())}
+    atomic_write_json(run_dir / "sft" / "meta.json", sft_out)
+    for stage, outputs in (("prepare", {}), ("teacher_data", {"teacher_name": "A", "teacher_fingerprint": fp_a}),
+                           ("sft", sft_out), ("precompute", {})):
+        atomic_write_json(run_dir / stage / "DONE.json", {"fingerprint": f"fp-{stage}", "inputs": {},
+                                                          "outputs": outputs})
+    vocab = len(tok)
+    for i, name in enumerate(("A", "B")):
+        _write_store(run_dir / "precompute" / name / "store", vocab,
+                     {"kind": "rollout", "teacher_name": name, "teacher_fingerprint": ctx.teacher_fingerprint(name),
+                      "tokenizer_fingerprint": tok_fp, "sft_teacher_fingerprint": fp_a,
+                      "logprob_temperature": 1.0, "topk": 0}, seed=i)
+    return ctx
+
+
+def arm_params(ctx: RunContext, arm: str) -> dict:
+    return jax.device_get(load_pretrained(ctx.arm_dir(arm) / "model", mesh=ctx.mesh).params)
+
+
+def metric_rows(ctx: RunContext, name: str) -> list[dict[str, Any]]:
+    path = ctx.run_dir / "metrics" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fake_evaluation(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Install a stand-in ``jopd.evaluation`` (written elsewhere) that records its calls."""
+    calls: list[int] = []
+
+    def evaluate_policy(model, prompts, tokenizer, *, max_new_tokens, temperature=0.0, batch_size=64, seed=0,
+                        kl_teacher=None, kl_samples=1):
+        assert prompts and "prompt_ids" in prompts[0] and kl_teacher is not None
+        calls.append(len(prompts))
+        return {"accuracy": 0.25, "reverse_kl": 1.5, "mean_response_len": 3.0, "eos_rate": 1.0}
+
+    monkeypatch.setitem(sys.modules, "jopd.evaluation", types.SimpleNamespace(evaluate_policy=evaluate_policy))
+    return calls
+
+
+LIGHT = [{"name": "light", "mode": "lightning", "teacher": "A"}]
+
+
+# ---------------------------------------------------------------------------------------------- SFT loop
+def _toy_examples(tok: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        digits = "".join(rng.choice(list("0123456789"), rng.integers(2, 6)))
+        out.append((toklib.encode_chat_prompt(tok, digits), toklib.encode_response(tok, digits + "=" + digits)))
+    return out
+
+
+def _sft_ctx(tmp_path: Path, assets: Path, mesh) -> tuple[RunContext, Any]:
+    ctx = RunContext(cfg=_config(tmp_path / "run", LIGHT), run_dir=tmp_path / "run", mesh=mesh)
+    tok = toklib.load_tokenizer(str(assets / "tokenizer"))
+    return ctx, tok
+
+
+def test_train_supervised_learns_and_resumes_identically(tmp_path: Path, assets: Path, mesh, monkeypatch) -> None:
+    ctx, tok = _sft_ctx(tmp_path, assets, mesh)
+    examples = _toy_examples(tok, 96, 0)
+    loop = TrainLoop(steps=40, batch_size=8, micro_batch_size=4, checkpoint_every=10, keep_checkpoints=2,
+                     eval_every=20, log_every=5)
+
+    def run(work: str) -> tuple[dict, dict]:
+        model = load_pretrained(assets / "student", mesh=mesh)
+        out, summary = sft_mod.train_supervised(ctx, name=work, model=model, examples=examples, loop=loop,
+                                                optim=OptimSection(lr=1e-2, warmup_steps=4),
+                                                work_dir=tmp_path / work, holdout_fraction=0.1, seed=0)
+        return jax.device_get(out.params), summary
+
+    ref, summary = run("a")
+    assert summary["heldout_loss_final"] < summary["heldout_loss_initial"] - 0.5, summary
+    assert len(summary["seq_len_buckets"]) <= 2  # length bucketing: few static shapes
+    rows = metric_rows(ctx, "a")
+    assert [r["step"] for r in rows if "heldout_loss" in r] == [0, 20, 40]
+    assert {"loss", "grad_norm", "lr", "tokens/s"} <= set(next(r for r in rows if "loss" in r))
+    assert sorted(int(p.name) for p in (tmp_path / "a" / "ckpt").iterdir() if p.name.isdigit()) == [30, 40]
+
+    def interrupt(name: str, step: int) -> None:
+        if step == 25:
+            raise Interrupt
+
+    monkeypatch.setattr(sft_mod, "after_step", interrupt)
+    with pytest.raises(Interrupt):
+        run("b")
+    monkeypatch.setattr(sft_mod, "after_step", lambda name, step: None)
+    resumed, summary_b = run("b")  # restores step 20, replays the data order from there
+    assert summary_b["resumed_from_step"] == 20
+    assert summary_b["heldout_loss_initial"] == summary["heldout_loss_initial"]
+    jax.tree.map(np.testing.assert_array_equal, ref, resumed)
+    rows_b = metric_rows(ctx, "b")
+    assert [r["step"] for r in rows_b if "loss" in r] == [r["step"] for r in rows if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------- Lightning OPD
+def test_lightning_resume_gives_identical_params(tmp_path: Path, assets: Path, mesh, monkeypatch) -> None:
+    calls = fake_evaluation(monkeypatch)
+    ref_ctx = make_run(tmp_path / "ref", assets, mesh, LIGHT, eval_every=2)
+    ref_out = run_stage(train_mod.STAGE, ref_ctx)
+    ref = arm_params(ref_ctx, "light")
+    assert calls == [4, 4, 4]  # steps 0, 2, 4
+
+    ctx = make_run(tmp_path / "int", assets, mesh, LIGHT, eval_every=2)
+
+    def interrupt(arm: str, step: int) -> None:
+        if step == 3:
+            raise Interrupt
+
+    monkeypatch.setattr(train_mod, "after_step", interrupt)
+    with pytest.raises(Interrupt):
+        run_stage(train_mod.STAGE, ctx)
+    assert not (ctx.run_dir / "train" / "DONE.json").exists()
+    monkeypatch.setattr(train_mod, "after_step", lambda arm, step: None)
+    out = run_stage(train_mod.STAGE, ctx)  # STARTED with the same fingerprint -> resumes from step 2
+    assert out["arms"]["light"]["resumed_from_step"] == 2
+    jax.tree.map(np.testing.assert_array_equal, ref, arm_params(ctx, "light"))
+
+    rows = metric_rows(ctx, "arm_light")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in eval_rows] == [0, 2, 4]
+    assert all(r["time_s"] >= 0 and "eval/reverse_kl" in r for r in eval_rows)
+    want = {"loss", "advantage_mean", "reverse_kl", "clip_frac", "grad_norm", "entropy_est", "behaviour_ratio_mean",
+            "behaviour_ratio_max", "behaviour_ess", "tokens/s", "time_s", "step_s", "update_s", "data_s"}
+    assert want <= set(train_rows[0])
+    assert np.isclose(train_rows[0]["reverse_kl"], -train_rows[0]["advantage_mean"], atol=1e-5)
+    assert [r["time_s"] for r in train_rows] == sorted(r["time_s"] for r in train_rows)
+    meta = read_json(ctx.arm_dir("light") / "meta.json")
+    assert meta["consistent_teacher"] is True and meta["mode"] == "lightning"
+    assert ref_out["arms"]["light"]["final_metrics"]["loss"] == pytest.approx(meta["final_metrics"]["loss"])
+    assert (ctx.arm_dir("light") / "model" / "config.json").is_file()
+
+
+def test_inconsistent_teacher_refused_then_allowed(tmp_path: Path, assets: Path, mesh) -> None:
+    ctx = make_run(tmp_path / "r", assets, mesh, [{"name": "abl", "mode": "lightning", "teacher": "B"}])
+    fp_a, fp_b = ctx.teacher_fingerprint("A"), ctx.teacher_fingerprint("B")
+    with pytest.raises(StageError) as e:
+        train_mod.STAGE.run(ctx)
+    msg = str(e.value)
+    assert fp_a in msg and fp_b in msg and "'A'" in msg and "'B'" in msg and "allow_inconsistent_teacher" in msg
+
+    ctx.cfg.arms[0].allow_inconsistent_teacher = True
+    ctx.cfg.opd.steps = 2
+    out = train_mod.STAGE.run(ctx)
+    assert out["arms"]["abl"]["consistent_teacher"] is False
+    assert read_json(ctx.arm_dir("abl") / "meta.json")["consistent_teacher"] is False
+
+
+def test_tokenizer_mismatch_refused(tmp_path: Path, assets: Path, mesh) -> None:
+    ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
+    store = RolloutStore.open(ctx.run_dir / "precompute" / "A" / "store", "r+")
+    store.update_attrs({"tokenizer_fingerprint": "0" * 64})
+    with pytest.raises(StageError, match="tokenizer fingerprint"):
+        train_mod.STAGE.run(ctx)
+
+
+def test_corrupt_store_refused(tmp_path: Path, assets: Path, mesh) -> None:
+    ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
+    chunk = ctx.run_dir / "precompute" / "A" / "store" / "teacher_logprobs" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])  # truncated
+    with pytest.raises(StageError, match="corrupt") as e:
+        train_mod.STAGE.run(ctx)
+    assert "teacher_logprobs" in str(e.value)
+
+
+def test_nan_teacher_logprob_names_the_step(tmp_path: Path, assets: Path, mesh) -> None:
+    ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
+    store = RolloutStore.open(ctx.run_dir / "precompute" / "A" / "store", "r+")
+    rows = store.read_rows(range(N_ROWS), ["teacher_logprobs", "prompt_len"])
+    lp = rows["teacher_logprobs"]
+    lp[np.arange(N_ROWS), rows["prompt_len"]] = np.nan  # first response token of every row
+    for c in range(store.num_chunks):
+        # write_teacher_chunk rightly refuses NaN; go underneath it to simulate a bad scorer with a valid marker.
+        store._commit("teacher", c, {"teacher_logprobs": lp[c * RPC:(c + 1) * RPC]})
+    with pytest.raises(StageError, match=r"arm 'light'.*step 1.*store rows \["):
+        train_mod.STAGE.run(ctx)
+
+
+# ------------------------------------------------------------------------------------------- online OPD
+def test_online_arm_runs_and_times_phases(tmp_path: Path, assets: Path, mesh) -> None:
+    from jopd.stages import online as online_mod
+
+    ctx = make_run(tmp_path / "r", assets, mesh, [{"name": "onl", "mode": "online", "teacher": "A"}], steps=2)
+    assert train_mod.STAGE.run(ctx) == {"arms": {}}  # no lightning arm
+    out = online_mod.STAGE.run(ctx)["arms"]["onl"]
+    phases = out["seconds_per_step_by_phase"]
+    assert {"gen_s", "score_s", "update_s"} <= set(phases) and all(v > 0 for v in phases.values())
+    rows = metric_rows(ctx, "arm_onl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["gen_s"] > 0 and r["score_s"] > 0 and r["update_s"] > 0 for r in rows)
+    assert out["consistent_teacher"] is True and out["tokens"] > 0
+    ckpt = read_json(next((ctx.arm_dir("onl") / "ckpt").glob("2/extra/metadata")))
+    assert ckpt["prompt_cursor"] == 8
+
+
+# -------------------------------------------------------------------------------------------- sft stage
+def test_sft_stage_exports_model_and_meta(tmp_path: Path, assets: Path, mesh) -> None:
+    ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
+    shutil.rmtree(ctx.sft_model_dir())
+    (ctx.run_dir / "sft" / "DONE.json").unlink()
+    ctx.cfg.sft.steps, ctx.cfg.sft.batch_size, ctx.cfg.sft.checkpoint_every = 3, 4, 2
+    fp_a = ctx.teacher_fingerprint("A")
+    td = ctx.run_dir / "teacher_data"
+    atomic_write_json(td / "meta.json", {"teacher_name": "A", "teacher_fingerprint": fp_a})
+    rows = [{"prompt": p, "label": "", "prompt_ids": ids, "response_ids": resp, "response_text": "",
+             "ended_with_eos": True} for p, (ids, resp) in
+            zip("abcdefghijkl", _toy_examples(ctx.tokenizer, 12, 3), strict=True)]
+    (td / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_stage(sft_mod.STAGE, ctx)
+    assert out["sft_teacher_name"] == "A" and out["sft_teacher_fingerprint"] == fp_a
+    assert out["model_fingerprint"] == ctx.model_fingerprint(ctx.sft_model_dir())
+    assert read_json(ctx.run_dir / "sft" / "meta.json")["steps"] == 3
+    assert (ctx.sft_model_dir() / "tokenizer.json").is_file()
