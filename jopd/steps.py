@@ -196,9 +196,15 @@ def _accumulated_grads(objective: Objective, params: Any, batch: Batch, micro_ba
     return loss, grads, combined
 
 
+def _tree_norm(tree: Any) -> Array:
+    # optax >= 0.2.5 spells it optax.tree.norm; global_norm is deprecated there.
+    tree_ns = getattr(optax, "tree", None)
+    return tree_ns.norm(tree) if tree_ns is not None and hasattr(tree_ns, "norm") else optax.global_norm(tree)
+
+
 def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array],
            optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
-    grad_norm = optax.global_norm(grads)
+    grad_norm = _tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
