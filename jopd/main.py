@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     log = logging.getLogger("jopd")
+    # Orbax/absl log every checkpoint-manager detail at INFO; keep the run log readable.
+    for noisy in ("absl", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from jopd.config import ConfigValidationError, load_config, to_dict
 
     overrides = list(args.overrides)

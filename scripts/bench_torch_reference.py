@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu-peak-gflops", type=float, default=50.0,
                     help="peak FLOP/s assumed on CPU for MFU (an estimate, not measured)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's own, = cores); 1 is more robust on a shared CPU")
     ap.add_argument("--out", default="bench_results/torch_reference.json")
     args = ap.parse_args(argv)
 
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     remats = {"both": [False, True], "on": [True], "off": [False]}[args.remat]
     n_steps = args.steps or (3 if args.small else 5)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = env_info("torch")
     peak, peak_source = peak_flops(env["device_kind"], env["platform"], args.cpu_peak_gflops)

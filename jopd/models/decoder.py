@@ -250,8 +250,15 @@ def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: A
     return h
 
 
+def _shape_config(config: ModelConfig) -> ModelConfig:
+    # Parameter shapes do not depend on the attention kernel; tracing with "xla" lets a CPU host plan a
+    # config that will run with cudnn on GPUs.
+    return config.replace(attention_impl="xla") if config.attention_impl != "xla" else config
+
+
 @functools.lru_cache(maxsize=16)
 def _init_fn(config: ModelConfig):
+    config = _shape_config(config)
     tokens = jnp.zeros((1, 2), jnp.int32)
     return jax.jit(lambda rng: Decoder(config).init(rng, tokens, tokens, causal_mask(1, 2))["params"])
 
@@ -263,6 +270,7 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
 
 def param_shapes(config: ModelConfig) -> dict:
     """Pytree of ``jax.ShapeDtypeStruct`` matching :func:`init_params` (no allocation)."""
+    config = _shape_config(config)
     tokens = jnp.zeros((1, 2), jnp.int32)
     variables = jax.eval_shape(
         lambda: Decoder(config).init(jax.random.PRNGKey(0), tokens, tokens, causal_mask(1, 2))

@@ -176,6 +176,11 @@ class RunContext:
         return load_pretrained(path, param_dtype or self.cfg.precision.param_dtype, mesh=self.mesh,
                                **self.runtime())
 
+    def load_teacher(self, name: str):
+        """A teacher, held in ``precision.teacher_dtype`` (teachers are only ever evaluated)."""
+        return self.load_model(self.teacher_dir(name),
+                               param_dtype=self.cfg.precision.teacher_dtype or self.cfg.precision.param_dtype)
+
     def teacher_dir(self, name: str) -> Path:
         t = self.cfg.teachers[name]
         return Path(t.path) if t.path else self.stage_dir("prepare") / "teachers" / name

@@ -71,7 +71,8 @@ class EvalStage(Stage):
             "eval": ctx.cfg.eval,
             "models": {name: ctx.model_fingerprint(path) for name, path in models.items()},
             "kl_teacher": {kl_teacher_name(ctx): ctx.teacher_fingerprint(kl_teacher_name(ctx))},
-            "numerics": {"param_dtype": p.param_dtype, "compute_dtype": p.compute_dtype,
+            "numerics": {"param_dtype": p.param_dtype, "teacher_dtype": p.teacher_dtype,
+                         "compute_dtype": p.compute_dtype,
                          "attention_impl": p.attention_impl, "logits_chunk_size": p.logits_chunk_size},
             "prepare": ctx.upstream("prepare"),
         }
@@ -88,7 +89,7 @@ class EvalStage(Stage):
         teacher_dir = ctx.teacher_dir(teacher_name)
         if not _is_model_dir(teacher_dir):
             raise StageError(f"eval: the KL teacher {teacher_name!r} has no model at {teacher_dir}")
-        kl_teacher = ctx.load_model(teacher_dir)
+        kl_teacher = ctx.load_teacher(teacher_name)
         tokenizer = ctx.tokenizer
         log.info("eval: %d model(s) on %d held-out prompts; reverse KL to teacher %s",
                  len(models), len(prompts), teacher_name)

@@ -168,7 +168,7 @@ class PrecomputeStage(Stage):
         mesh_rows = 1 if ctx.mesh is None else int(np.prod([ctx.mesh.shape[a]
                                                              for a in ("data", "fsdp", "expert")]))
         batch = _round_up(pc.batch_size, mesh_rows)  # a batch that shards evenly over the mesh
-        model = ctx.load_model(tdir) if pending else None
+        model = ctx.load_teacher(name) if pending else None
         t0 = time.time()  # throughput excludes loading (compilation stays in: it is part of the real cost)
         scored = 0
         if model is not None:

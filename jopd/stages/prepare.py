@@ -38,6 +38,7 @@ def arch_to_config(arch: ArchSection, tokenizer: Any, precision: Any) -> ModelCo
         model_type=arch.model_type, vocab_size=-(-vocab // 16) * 16, hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size, num_layers=arch.num_layers, num_heads=arch.num_heads,
         num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps,
         max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=arch.tie_word_embeddings,
         attention_bias=arch.model_type == "qwen2", qk_norm=arch.model_type in ("qwen3", "qwen3_moe"),
         num_experts=arch.num_experts, num_experts_per_tok=arch.num_experts_per_tok,
@@ -187,7 +188,12 @@ class PrepareStage(Stage):
         if cfg.student.path is None and not (student_dir / "config.json").is_file():
             scfg = arch_to_config(cfg.student.init, tok, cfg.precision)
             if cfg.student.init_from_teacher_layers:
-                params = _student_from_teacher(scfg, ctx.teacher_dir(cfg.student.init_from_teacher_layers), ctx)
+                tdir = ctx.teacher_dir(cfg.student.init_from_teacher_layers)
+                # The copied layers only make sense with the teacher's normalisation and positions.
+                tcfg = ModelConfig.from_pretrained(tdir)
+                scfg = scfg.replace(rms_norm_eps=tcfg.rms_norm_eps, rope_theta=tcfg.rope_theta,
+                                    rope_type=tcfg.rope_type, rope_scaling=tcfg.rope_scaling)
+                params = _student_from_teacher(scfg, tdir, ctx)
             else:
                 params = init_params(scfg, cfg.seed)
             save_pretrained(from_params(scfg, params, mesh=ctx.mesh), student_dir,

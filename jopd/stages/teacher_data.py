@@ -59,8 +59,8 @@ def numerics_inputs(ctx: RunContext, *, logits_chunked: bool = False) -> dict[st
     can change the last bits; sampling does not use it.
     """
     p = ctx.cfg.precision
-    out: dict[str, Any] = {"param_dtype": p.param_dtype, "compute_dtype": p.compute_dtype,
-                           "attention_impl": p.attention_impl}
+    out: dict[str, Any] = {"param_dtype": p.param_dtype, "teacher_dtype": p.teacher_dtype,
+                           "compute_dtype": p.compute_dtype, "attention_impl": p.attention_impl}
     if logits_chunked:
         out["logits_chunk_size"] = p.logits_chunk_size
     return out
@@ -127,7 +127,7 @@ class TeacherDataStage(Stage):
         # Every process sees the same parts on the shared run directory, so they agree on what is left; all of
         # them take part in the (collective) sampling and process 0 alone writes.
         pending = [i for i in range(len(batches)) if not (parts_dir / f"{i:05d}.jsonl").is_file()]
-        model = ctx.load_model(ctx.teacher_dir(name)) if pending else None
+        model = ctx.load_teacher(name) if pending else None
         t0 = time.time()  # throughput excludes loading (compilation stays in: it is part of the real cost)
         new_tokens = 0
         if model is not None:

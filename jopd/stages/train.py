@@ -171,7 +171,7 @@ class TeacherCache:
 
     def get(self, name: str) -> Model:
         if name not in self._models:
-            self._models[name] = self.ctx.load_model(self.ctx.teacher_dir(name))
+            self._models[name] = self.ctx.load_teacher(name)
         return self._models[name]
 
 

@@ -1,0 +1,109 @@
+"""Every shipped config loads and validates; the memory estimator runs on the paper-scale configs.
+
+- every ``configs/*.yaml`` passes ``load_config(check_files=False)`` (keys, types, cross-field rules);
+- configs whose files exist here are also checked with ``check_files=True`` (demo/tiny need none; smollm2 needs
+  ``.cache/smollm2-135m-instruct``: skipped when missing, a failure under ``CI=true``);
+- ``scripts/memory_estimate.py`` gives plausible per-device numbers for configs/qwen3-{4b,8b}.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from jopd.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SMOLLM2_DIR = ROOT / ".cache" / "smollm2-135m-instruct"
+GIB = 1024 ** 3
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def test_configs_dir_has_the_shipped_configs() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "tiny.yaml", "smollm2.yaml", "qwen3-4b.yaml", "qwen3-8b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_structure_is_valid(path: Path) -> None:
+    cfg = load_config(str(path), check_files=False)
+    assert cfg.arms and cfg.teachers
+    assert cfg.sft_teacher in cfg.teachers
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "smollm2.yaml"])
+def test_config_files_exist(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if name == "smollm2.yaml" and not (SMOLLM2_DIR / "config.json").is_file():
+        if _ci():
+            pytest.fail(f"CI=true but {SMOLLM2_DIR} is missing (run `make smollm2`)")
+        pytest.skip(f"{SMOLLM2_DIR} is missing (run `make smollm2`)")
+    monkeypatch.chdir(ROOT)  # config paths are relative to the working directory
+    load_config(str(ROOT / "configs" / name), check_files=True)
+
+
+def test_paper_configs_follow_the_paper() -> None:
+    for name in ("qwen3-4b.yaml", "qwen3-8b.yaml"):
+        cfg = load_config(str(ROOT / "configs" / name), check_files=False)
+        o = cfg.opd
+        assert (o.optim.lr, o.optim.schedule, o.optim.b1, o.optim.b2) == (2e-6, "constant", 0.9, 0.98)
+        assert (o.optim.weight_decay, o.optim.grad_clip, o.batch_size) == (0.1, 1.0, 256)
+        assert (o.eps_low, o.eps_high, o.aggregation, o.tis_cap, o.kl_coef) == (0.2, 0.2, "seq_mean", None, 0.0)
+        assert cfg.rollout.max_new_tokens == cfg.teacher_data.max_new_tokens == 4096
+        for s in (cfg.rollout, cfg.teacher_data):
+            assert (s.temperature, s.top_p) == (0.7, 0.9)
+        assert cfg.task.kind == "prompt_file"
+        p = cfg.precision
+        assert (p.param_dtype, p.compute_dtype, p.remat, p.attention_impl) == ("float32", "bfloat16", True, "cudnn")
+
+
+def _memory_estimate():
+    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "scripts" / "memory_estimate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("memory_estimate", mod)  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name,student,teacher,n_student,n_teacher", [
+    ("qwen3-4b.yaml", "qwen3-4b", "qwen3-8b", 4.02e9, 8.19e9),
+    ("qwen3-8b.yaml", "qwen3-8b", "qwen3-32b", 8.19e9, 32.8e9),
+])
+def test_memory_estimate_is_plausible(name: str, student: str, teacher: str, n_student: float, n_teacher: float,
+                                      tmp_path: Path) -> None:
+    mod = _memory_estimate()
+    out = tmp_path / "est.json"
+    est = mod.main(["--config", str(ROOT / "configs" / name), "--student-arch", student, "--teacher-arch", teacher,
+                    "--hbm", "h100-80gb", "--json", str(out), "--quiet"])
+    assert out.is_file()
+    assert est["devices"] == 8 and est["mesh"]["fsdp"] == 8
+    # Parameter counts of the real Qwen3 models (within 1%).
+    assert est["student"]["params"] == pytest.approx(n_student, rel=0.01)
+    assert est["teacher"]["params"] == pytest.approx(n_teacher, rel=0.01)
+    opd = est["stages"]["opd train step"]
+    lines = {ln["name"]: ln["gib"] * GIB for ln in opd["lines"]}
+    # fp32 master + 2 fp32 Adam moments, sharded 8 ways: N * 12 / 8 bytes.
+    assert lines["params (master)"] + lines["Adam moments"] == pytest.approx(n_student * 12 / 8, rel=0.02)
+    # The whole step: more than the optimizer state (N * 16 / 8 with one gradient), less than an 80 GB H100.
+    assert n_student * 16 / 8 < opd["total_gib"] * GIB < 79 * GIB
+    for stage in est["stages"].values():
+        assert stage["total_gib"] > 0
+        assert all(ln["gib"] >= 0 for ln in stage["lines"])
+
+
+def test_memory_estimate_matches_model_param_count() -> None:
+    from jopd.models.config import ModelConfig
+
+    mod = _memory_estimate()
+    mcfg = ModelConfig(model_type="qwen3", qk_norm=True, **mod.PRESETS["qwen3-8b"])
+    got = mod.sharded_param_bytes(mcfg, {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}, 4)
+    assert got["count"] == mcfg.num_params()
+    # Everything but the (replicated) norms is split 8 ways.
+    assert got["per_device"] == pytest.approx(got["total"] / 8, rel=1e-3)
