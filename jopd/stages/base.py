@@ -13,6 +13,7 @@ consumes); when it finishes it writes ``DONE.json``. On the next run:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -232,18 +233,18 @@ class RunContext:
         return MetricsLogger(self.run_dir, name, resume_after_step=resume_after_step)
 
 
-class Stage:
+class Stage(abc.ABC):
     """Base class: subclasses set ``name`` and implement ``inputs`` and ``run``."""
 
     name: str = ""
 
+    @abc.abstractmethod
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         """JSON-able description of everything the outputs depend on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Do the work (resuming from partial outputs in ``ctx.stage_dir(self.name)``); return a summary."""
-        raise NotImplementedError
 
 
 def run_stage(stage: Stage, ctx: RunContext) -> dict[str, Any]:
