@@ -85,7 +85,7 @@ def test_rerun_skips_and_changed_inputs_are_refused(tiny_run: Path):
     proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run), "rollout.temperature=0.5",
                 "--stages", "rollout")
     assert proc.returncode == 1
-    assert "different inputs" in proc.stderr and "rollout.temperature" in proc.stderr
+    assert "different inputs" in proc.stderr and "temperature: 1.0 -> 0.5" in proc.stderr
 
 
 def test_bad_config_lists_every_problem(tmp_path: Path):

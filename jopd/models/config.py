@@ -18,7 +18,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference tests (x64)
 SUPPORTED_ATTENTION = ("xla", "cudnn")
 
 

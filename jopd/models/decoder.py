@@ -45,9 +45,14 @@ def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
+def _acc(dtype: Any) -> Any:
+    """Accumulation dtype: float32, or float64 when computing in float64 (reference tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
     """HF RMSNorm: normalise in fp32, cast back, then multiply by the weight."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_acc(x.dtype))
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
@@ -115,7 +120,7 @@ class Attention(nn.Module):
         else:
             b, t = q.shape[:2]
             qg = q.reshape(b, t, k, h // k, hd)  # group query heads by their kv head (GQA, no kv repeat)
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * scale
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=_acc(dt)) * scale
             scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
@@ -156,7 +161,7 @@ class MoeMlp(nn.Module):
         wd = self.param("down_kernel", _kernel_init(), (e, f, d), pdt).astype(dt)
         b, t, _ = x.shape
         tokens = x.reshape(b * t, d)
-        router_probs = jax.nn.softmax((tokens @ wr).astype(jnp.float32), axis=-1)
+        router_probs = jax.nn.softmax((tokens @ wr).astype(_acc(dt)), axis=-1)
         weights, experts = jax.lax.top_k(router_probs, topk)  # [N, k]
         if cfg.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
