@@ -52,7 +52,10 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     @jax.checkpoint
     def body(_, inputs):
         h, tgt = inputs
-        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+        # One flattened 2-D matmul (see decoder.dense): much faster backward on XLA:CPU.
+        logits = jnp.matmul(h.reshape(-1, h.shape[-1]), w,
+                            preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+        logits = logits.reshape(h.shape[:-1] + (w.shape[-1],))
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
         if topk:
