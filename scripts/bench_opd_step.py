@@ -41,6 +41,8 @@ import sys
 import time
 from typing import Any
 
+from jopd.models.config import QWEN3_ARCHS  # importing jax does not start a backend
+
 # ---------------------------------------------------------------------------------------------------------
 # shared helpers (no jax backend is initialised by importing this module)
 # ---------------------------------------------------------------------------------------------------------
@@ -50,15 +52,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
     "50m": dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=10, num_heads=8,
                 num_kv_heads=4, head_dim=64, tie_word_embeddings=True),
-    "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-                 num_kv_heads=8, head_dim=128, tie_word_embeddings=True),
-    "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-                 num_kv_heads=8, head_dim=128, tie_word_embeddings=True),
+    "0.6b": QWEN3_ARCHS["0.6b"],
+    "1.7b": QWEN3_ARCHS["1.7b"],
     # Teacher-sized shapes for bench_lightning_vs_online.py.
     "small_teacher": dict(vocab_size=8192, hidden_size=384, intermediate_size=1152, num_layers=6, num_heads=6,
                           num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
-    "8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
-               num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
+    "8b": QWEN3_ARCHS["8b"],
 }
 DEFAULT_BATCH = {"small": 2, "50m": 1, "0.6b": 8, "1.7b": 8, "small_teacher": 2, "8b": 4}
 

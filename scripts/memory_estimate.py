@@ -51,22 +51,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Real Qwen3 dimensions (config.json of Qwen/Qwen3-*-Base and Qwen/Qwen3-*; the base and post-trained models
-# share their architecture). max_position_embeddings is irrelevant to memory.
-PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                       intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                       intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-4b": dict(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
-                     intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
-                     intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
-    "qwen3-14b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
-                      intermediate_size=17408, vocab_size=151936, tie_word_embeddings=False),
-    "qwen3-32b": dict(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128,
-                      intermediate_size=25600, vocab_size=151936, tie_word_embeddings=False),
-}
+from jopd.models.config import QWEN3_ARCHS  # noqa: E402 - after the sys.path tweak
+
+PRESETS: dict[str, dict[str, Any]] = {f"qwen3-{k}": v for k, v in QWEN3_ARCHS.items()}
 
 # Accelerator memory per device, for the "fits" column (GiB as the runtime reports them).
 HBM_PRESETS_GIB = {"h100-80gb": 79.1, "h200": 139.8, "tpu-v5p": 95.7, "tpu-v5e": 15.75, "a100-80gb": 79.1}

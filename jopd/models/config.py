@@ -22,6 +22,24 @@ SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: ref
 SUPPORTED_ATTENTION = ("xla", "cudnn")
 
 
+# Real Qwen3 dimensions (config.json of Qwen/Qwen3-*-Base and Qwen/Qwen3-*, which share their architecture), as
+# ModelConfig keyword arguments: used by the benchmarks and the memory estimator.
+QWEN3_ARCHS: dict[str, dict[str, Any]] = {
+    "0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+               intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+               intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
+    "14b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
+                intermediate_size=17408, vocab_size=151936, tie_word_embeddings=False),
+    "32b": dict(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128,
+                intermediate_size=25600, vocab_size=151936, tie_word_embeddings=False),
+}
+
+
 class ConfigError(ValueError):
     """A model config.json that jopd cannot represent exactly."""
 
