@@ -93,10 +93,6 @@ def sample_tokens(logits: Array, keys: Array, params: SamplingParams) -> tuple[A
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
 
-class _State(dict):
-    pass
-
-
 def _row_keys(base_key: Array, row_ids: Array, step) -> Array:
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base_key, r), step))(row_ids)
 
@@ -233,7 +229,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     mesh = model.mesh
     cfg = model.config
     base_key = jax.random.PRNGKey(seed)
-    mesh_rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    mesh_rows = 1 if mesh is None else sharding.batch_parallelism(mesh)
 
     out_tokens: list[list[int]] = []
     out_lps: list[list[float]] = []

@@ -156,6 +156,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_parallelism(mesh: Mesh) -> int:
+    """How many ways the mesh splits a batch (product of the mesh axes the ``batch`` rule uses)."""
+    axes = dict(DEFAULT_RULES)["batch"]
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> NamedSharding:
     """Sharding for a ``[batch, ...]`` input: the batch over (data, fsdp, expert), the rest replicated."""
     shape = (batch_size if batch_size is not None else math.prod(mesh.devices.shape),) + (1,) * (ndim - 1)

@@ -159,19 +159,15 @@ def sft_objective(params: Any, config: ModelConfig, batch: Batch, aggregation: s
 Objective = Callable[[Any, Batch, Array, Array], tuple[Array, dict[str, Array]]]
 
 
-def _accumulated_grads(objective: Objective, params: Any, batch: Batch, micro_batches: int,
-                       aggregation: str) -> tuple[Array, Any, dict[str, Array]]:
+def _accumulated_grads(objective: Objective, params: Any, batch: Batch,
+                       micro_batches: int) -> tuple[Array, Any, dict[str, Array]]:
     num_tokens, num_seqs = losses.loss_denominators(batch["response_mask"])
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if micro_batches == 1:
         (loss, metrics), grads = grad_fn(params, batch, num_tokens, num_seqs)
         return loss, grads, metrics
 
-    def split(x):
-        x = x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
-        return x
-
-    micro = jax.tree.map(split, batch)
+    micro = jax.tree.map(lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
 
     def body(carry, mb):
         loss_acc, grad_acc = carry
@@ -218,10 +214,9 @@ def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array]
 
 
 def _train_step(state: TrainState, batch: Batch, *, objective: Objective, optimizer, micro_batches: int,
-                aggregation: str, mesh) -> tuple[TrainState, dict[str, Array]]:
+                mesh) -> tuple[TrainState, dict[str, Array]]:
     with sharding.activate(mesh):
-        loss, grads, metrics = _accumulated_grads(lambda p, b, nt, ns: objective(p, b, nt, ns), state.params,
-                                                  batch, micro_batches, aggregation)
+        loss, grads, metrics = _accumulated_grads(objective, state.params, batch, micro_batches)
         return _apply(state, loss, grads, metrics, optimizer)
 
 
@@ -248,12 +243,12 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
     def step(state, batch, ref_params=None):
         objective = lambda p, b, nt, ns: opd_objective(p, config, b, loss_cfg, nt, ns, ref_params)  # noqa: E731
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
-                           aggregation=loss_cfg.aggregation, mesh=mesh)
+                           mesh=mesh)
 
     keys = ("tokens", "response_mask", "teacher_logprobs") + (("behaviour_logprobs",) if with_behaviour else ())
     if with_ref:
         return _jit_step(step, state, mesh, keys, batch_size, extra_args=1)
-    return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)
+    return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)  # no third (ref) argument
 
 
 def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, batch_size: int,
@@ -264,7 +259,7 @@ def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, ba
     def step(state, batch):
         objective = lambda p, b, nt, ns: sft_objective(p, config, b, aggregation, nt, ns)  # noqa: E731
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
-                           aggregation=aggregation, mesh=mesh)
+                           mesh=mesh)
 
     return _jit_step(step, state, mesh, ("tokens", "response_mask"), batch_size)
 

@@ -98,7 +98,7 @@ def bench_generate(cfg, params, mesh, batches: list[int], prompt_len: int, new_t
 
     sp = SamplingParams(temperature=1.0)
     prefill, decode = _compiled(cfg, mesh, prompt_len, new_tokens, sp, ())
-    mesh_rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    mesh_rows = sharding.batch_parallelism(mesh)
     base_key = jax.random.PRNGKey(0)
     rows = []
     for batch in batches:

@@ -93,13 +93,14 @@ def test_student_equal_to_teacher_leaves_parameters_unchanged():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
 
 
-def _run_step(mesh, batch, micro: int | None = None, loss_cfg=steps.OPDLossConfig()):
+def _run_step(mesh, batch, micro: int | None = None, loss_cfg: steps.OPDLossConfig | None = None):
     model = models.from_params(CFG, models.init_params(CFG, seed=0), mesh=mesh)
     # Adam's first update is lr * sign(g): a large eps keeps it proportional to g so that round-off in
     # near-zero gradient entries cannot flip a sign and look like a mismatch.
     opt = steps.make_optimizer(lr=1e-2, total_steps=10, eps=1.0)
     state = steps.init_state(model.params, opt)
-    step = steps.make_opd_step(CFG, opt, loss_cfg, mesh=mesh, state=state, batch_size=B, micro_batch_size=micro)
+    step = steps.make_opd_step(CFG, opt, loss_cfg or steps.OPDLossConfig(), mesh=mesh, state=state,
+                               batch_size=B, micro_batch_size=micro)
     state, metrics = step(state, steps.shard_batch(batch, mesh))
     return jax.device_get(state.params), jax.device_get(metrics)
 

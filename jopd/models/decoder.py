@@ -332,8 +332,4 @@ def param_logical_axes(config: ModelConfig) -> dict:
 
 def param_shardings(config: ModelConfig, mesh) -> dict:
     """NamedSharding for every parameter on ``mesh``."""
-    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
-    return jax.tree.map(
-        lambda axes, shape: sharding.named_sharding(axes, shape.shape, mesh),
-        param_logical_axes(config), param_shapes(config), is_leaf=is_axes,
-    )
+    return sharding.tree_shardings(param_logical_axes(config), param_shapes(config), mesh)

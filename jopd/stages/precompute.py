@@ -165,8 +165,7 @@ class PrecomputeStage(Stage):
         max_row = store.max_row_len()
         length = _round_up(max(max_row, 2), LENGTH_BUCKET)  # static across chunks and resumes
         read_len = min(length, store.max_len)
-        mesh_rows = 1 if ctx.mesh is None else int(np.prod([ctx.mesh.shape[a]
-                                                             for a in ("data", "fsdp", "expert")]))
+        mesh_rows = 1 if ctx.mesh is None else sharding.batch_parallelism(ctx.mesh)
         batch = _round_up(pc.batch_size, mesh_rows)  # a batch that shards evenly over the mesh
         model = ctx.load_teacher(name) if pending else None
         t0 = time.time()  # throughput excludes loading (compilation stays in: it is part of the real cost)
