@@ -78,6 +78,9 @@ class TaskSection:
     eval_prompt_file: str | None = doc("JSONL/Parquet of held-out eval prompts (kind=prompt_file).", None)
     difficulty: list[int] = doc("Arithmetic: numbers of operations to draw problems from.",
                                 default_factory=lambda: [1, 2])
+    sft_difficulty: list[int] | None = doc(
+        "Arithmetic: levels of the SFT prompts only (null = `difficulty`). Lets the OPD/eval prompts reach beyond "
+        "what the SFT data covered, as in the paper (SFT and OPD prompts from different sources).", None)
     num_sft_prompts: int = doc("Prompts the SFT-data teacher answers.", 256)
     num_opd_prompts: int = doc("Prompts the SFT student makes rollouts for.", 128)
     num_eval_prompts: int = doc("Held-out prompts for evaluation (disjoint from the others).", 64)
@@ -205,6 +208,9 @@ class ArmSection:
 class EvalSection:
     max_new_tokens: int = doc("Response length for evaluation.", 64)
     temperature: float = doc("Sampling temperature for accuracy (0 = greedy).", 0.0)
+    top_p: float = doc("Nucleus (top-p) truncation of the accuracy samples (1 = off).", 1.0)
+    samples_per_prompt: int = doc("Responses per prompt for accuracy (avg@k, as the paper reports); needs "
+                                  "temperature > 0 when > 1.", 1)
     kl_samples: int = doc("Student samples per held-out prompt for the reverse-KL estimate (temperature 1).", 1)
     kl_teacher: str | None = doc("Teacher for reverse KL(student || teacher); default: the SFT-data teacher.", None)
     batch_size: int = doc("Prompts per generate call.", 64)
@@ -409,9 +415,13 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
             errors.append("task.prompt_file: required when task.kind is prompt_file")
         path_ok("task.prompt_file", cfg.task.prompt_file, "file")
         path_ok("task.eval_prompt_file", cfg.task.eval_prompt_file, "file")
-    for d in cfg.task.difficulty:
-        if not isinstance(d, int) or not 1 <= d <= 3:
-            errors.append(f"task.difficulty: values must be 1..3, got {d!r}")
+    for field in ("difficulty", "sft_difficulty"):
+        levels = getattr(cfg.task, field)
+        if levels is not None and not levels:
+            errors.append(f"task.{field}: must list at least one level (1..3)")
+        for d in levels or []:
+            if not isinstance(d, int) or not 1 <= d <= 3:
+                errors.append(f"task.{field}: values must be 1..3, got {d!r}")
     if not cfg.teachers:
         errors.append("teachers: at least one teacher is required")
     for name, t in cfg.teachers.items():
@@ -461,6 +471,13 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
         _positive(errors, "opd.tis_cap", cfg.opd.tis_cap)
     if cfg.export.arm is not None and cfg.export.arm not in names:
         errors.append(f"export.arm: unknown arm {cfg.export.arm!r} (arms: {names})")
+    if cfg.eval.samples_per_prompt < 1:
+        errors.append(f"eval.samples_per_prompt: must be >= 1, got {cfg.eval.samples_per_prompt}")
+    elif cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:
+        errors.append(f"eval.samples_per_prompt: {cfg.eval.samples_per_prompt} responses per prompt need "
+                      "eval.temperature > 0 (temperature 0 is greedy: one response)")
+    if not 0 < cfg.eval.top_p <= 1:
+        errors.append(f"eval.top_p: must be in (0, 1], got {cfg.eval.top_p}")
     if cfg.eval.kl_teacher is not None and cfg.eval.kl_teacher not in cfg.teachers:
         errors.append(f"eval.kl_teacher: unknown teacher {cfg.eval.kl_teacher!r}")
     return errors

@@ -1,9 +1,11 @@
 """Held-out evaluation of a policy: task accuracy and a sampled estimate of reverse KL(student ‖ teacher).
 
 Accuracy
-    One response per prompt (greedy by default) that stops at the chat template's end-of-turn id or any of
-    the model's EOS ids, decoded with ``skip_special_tokens=True`` and checked against the prompt's label by
-    :func:`jopd.data.tasks.check_answer`.
+    ``samples_per_prompt`` (k) responses per prompt (greedy by default, then k must be 1) that stop at the chat
+    template's end-of-turn id or any of the model's EOS ids, decoded with ``skip_special_tokens=True`` and
+    checked against the prompt's label by :func:`jopd.data.tasks.check_answer`. The accuracy is the mean over
+    all responses (avg@k, the paper's metric); its standard error is taken over prompts (the k responses
+    to one prompt are not independent).
 
 Reverse KL
     ``KL(π_s ‖ π_t) = E_{y ~ π_s}[Σ_t log π_s(y_t | ·) − log π_t(y_t | ·)]``, estimated on *fresh* student
@@ -100,8 +102,9 @@ def reverse_kl_estimate(teacher: Model, prompts: Sequence[Sequence[int]], respon
 
 
 def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_new_tokens: int,
-                    temperature: float = 0.0, batch_size: int = 64, seed: int = 0, kl_teacher: Model | None = None,
-                    kl_samples: int = 1, eos_token_id: int | Sequence[int] | None = None) -> dict[str, Any]:
+                    temperature: float = 0.0, samples_per_prompt: int = 1, top_p: float = 1.0, batch_size: int = 64,
+                    seed: int = 0, kl_teacher: Model | None = None, kl_samples: int = 1,
+                    eos_token_id: int | Sequence[int] | None = None) -> dict[str, Any]:
     """Accuracy (and optionally reverse KL to ``kl_teacher``) of ``model`` on held-out prompts.
 
     Args:
@@ -111,6 +114,8 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
         tokenizer: The run's tokenizer (decoding and the end-of-turn id).
         max_new_tokens: Response length limit (the stop id included).
         temperature: Sampling temperature of the accuracy responses (0 = greedy).
+        samples_per_prompt: Responses per prompt for the accuracy (avg@k); must be 1 when greedy.
+        top_p: Nucleus truncation of the accuracy responses (1 = none).
         batch_size: Prompts per generate call / rows per teacher scoring pass.
         seed: Sampling seed (accuracy samples use ``seed``, KL samples ``seed + 1``).
         kl_teacher: Teacher for the reverse-KL estimate; None skips it.
@@ -118,7 +123,10 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
         eos_token_id: Stop ids; default :func:`stop_ids` (end-of-turn + the model's EOS ids).
 
     Returns:
-        ``accuracy``, ``num_prompts``, ``num_correct``, ``eos_rate`` (fraction of responses that ended with a
+        ``accuracy`` (avg@k), ``accuracy_se`` (standard error over prompts), ``per_prompt_accuracy`` (the
+        fraction of each prompt's k responses that were correct, in prompt order: paired comparisons between
+        models evaluated on the same prompts), ``num_prompts``,
+        ``num_responses``, ``num_correct``, ``eos_rate`` (fraction of responses that ended with a
         stop id rather than hitting ``max_new_tokens``), ``mean_response_len`` (tokens, stop id included),
         ``generated_tokens``, ``samples`` (a few ``{"prompt", "response", "label", "correct"}``) and, with a
         teacher, ``reverse_kl``, ``reverse_kl_seq``, ``kl_num_sequences``, ``kl_response_tokens``,
@@ -128,27 +136,39 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if kl_samples < 1:
         raise ValueError(f"kl_samples must be >= 1, got {kl_samples}")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    if temperature == 0.0 and samples_per_prompt != 1:
+        raise ValueError(f"greedy evaluation (temperature 0) gives one response per prompt; "
+                         f"samples_per_prompt={samples_per_prompt} needs temperature > 0")
     stops: int | Sequence[int] = eos_token_id if eos_token_id is not None else stop_ids(model, tokenizer)
     prompt_ids = [list(map(int, row["prompt_ids"])) for row in prompts]
     out: dict[str, Any] = {"num_prompts": len(prompt_ids)}
     if not prompt_ids:
         raise ValueError("evaluate_policy needs at least one prompt")
 
-    gen = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                   eos_token_id=stops, seed=seed, batch_size=batch_size)
+    k = samples_per_prompt
+    rows = [row for row in prompts for _ in range(k)]
+    gen = generate(model, [p for p in prompt_ids for _ in range(k)], max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, eos_token_id=stops, seed=seed, batch_size=batch_size)
     correct: list[bool] = []
     samples: list[dict[str, Any]] = []
-    for row, ids, toks in zip(prompts, prompt_ids, gen.tokens):
+    for j, (row, ids, toks) in enumerate(zip(rows, [p for p in prompt_ids for _ in range(k)], gen.tokens)):
         text = tokenizer.decode(toks, skip_special_tokens=True)
         ok = bool(check_answer(text, str(row.get("label", ""))))
         correct.append(ok)
-        if len(samples) < NUM_SAMPLES:
+        if len(samples) < NUM_SAMPLES and j % k == 0:  # the first response of each of the first prompts
             prompt_text = row.get("prompt") or tokenizer.decode(ids, skip_special_tokens=True)
             samples.append({"prompt": prompt_text, "response": text, "label": str(row.get("label", "")),
                             "correct": ok})
     lengths = np.array([len(t) for t in gen.tokens], np.float64)
+    per_prompt = np.asarray(correct, np.float64).reshape(len(prompt_ids), k).mean(axis=1)
+    n = len(per_prompt)
     out.update({
-        "accuracy": float(np.mean(correct)),
+        "accuracy": float(per_prompt.mean()),
+        "accuracy_se": float(per_prompt.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+        "per_prompt_accuracy": per_prompt.tolist(),
+        "num_responses": len(correct),
         "num_correct": int(np.sum(correct)),
         "eos_rate": float(np.mean(gen.ended_with_eos)),
         "mean_response_len": float(lengths.mean()),

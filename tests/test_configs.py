@@ -107,3 +107,21 @@ def test_memory_estimate_matches_model_param_count() -> None:
     assert got["count"] == mcfg.num_params()
     # Everything but the (replicated) norms is split 8 ways.
     assert got["per_device"] == pytest.approx(got["total"] / 8, rel=1e-3)
+
+
+def test_sft_difficulty_applies_to_the_sft_prompts_only():
+    from jopd.config import ConfigValidationError
+    from jopd.stages.prepare import load_problems
+
+    arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1, "head_dim": 16}
+    base = {"teachers": {"A": {"init": arch, "style": "A"}}, "student": {"init": arch}, "sft_teacher": "A",
+            "precompute": {"teachers": ["A"]}, "arms": [{"name": "l", "mode": "lightning", "teacher": "A"}]}
+    task = {"difficulty": [2], "sft_difficulty": [1], "num_sft_prompts": 60, "num_opd_prompts": 60,
+            "num_eval_prompts": 60}
+    problems = load_problems(load_config(data={**base, "task": task}))
+    assert {p.meta["num_ops"] for p in problems["sft"]} == {1}
+    for split in ("opd", "eval"):
+        assert max(p.meta["num_ops"] for p in problems[split]) == 2
+    with pytest.raises(ConfigValidationError, match=r"task\.sft_difficulty: values must be 1\.\.3, got 4"):
+        load_config(data={**base, "task": {**task, "sft_difficulty": [4]}})

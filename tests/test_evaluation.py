@@ -131,6 +131,52 @@ def test_accuracy_counts_correct_responses(student, tok, monkeypatch):
     assert calls[0]["temperature"] == 0.0 and eos in calls[0]["eos_token_id"]
 
 
+def test_avg_at_k_accuracy_and_its_standard_error(student, tok, monkeypatch):
+    rows = [{"prompt": "Compute 3+4.", "label": "7"}, {"prompt": "Compute 2+2.", "label": "4"},
+            {"prompt": "What is 9-1?", "label": "8"}]
+    for r in rows:
+        r["prompt_ids"] = toklib.encode_chat_prompt(tok, r["prompt"])
+    # k = 4 responses per prompt, in prompt-major order: 3/4, 0/4 and 4/4 correct.
+    answers = {"7": ["7", "7", "1", "7"], "4": ["5", "3", "5", "5"], "8": ["8", "8", "8", "8"]}
+    texts = [f"x\nanswer: {a}" for r in rows for a in answers[r["label"]]]
+    responses = [toklib.encode_response(tok, t) for t in texts]
+    seen = {}
+
+    def fake_generate(model, prompt_ids, **kw):
+        seen.update(kw, prompt_ids=[list(p) for p in prompt_ids])
+        return GenerationResult(responses, [[0.0] * len(t) for t in responses], [True] * len(responses))
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    res = evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16, temperature=1.0, samples_per_prompt=4,
+                                     top_p=0.9)
+    assert seen["prompt_ids"] == [r["prompt_ids"] for r in rows for _ in range(4)]
+    assert seen["temperature"] == 1.0 and seen["top_p"] == 0.9
+    assert res["per_prompt_accuracy"] == [0.75, 0.0, 1.0]
+    assert res["accuracy"] == pytest.approx(7 / 12) and res["num_correct"] == 7 and res["num_responses"] == 12
+    assert res["accuracy_se"] == pytest.approx(np.std([0.75, 0.0, 1.0], ddof=1) / np.sqrt(3))
+    # One example per prompt, not k copies of the first one.
+    assert [s["prompt"] for s in res["samples"]] == [r["prompt"] for r in rows]
+    with pytest.raises(ValueError, match="greedy"):
+        evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16, samples_per_prompt=2)
+
+
+def test_report_uses_paired_standard_errors_when_per_prompt_results_exist():
+    from jopd.stages.report import _compare
+
+    rng = np.random.default_rng(0)
+    old = (rng.random(400) < 0.6).astype(float)
+    new = old.copy()
+    flip = rng.choice(np.flatnonzero(old == 0), 24, replace=False)
+    new[flip] = 1.0  # the same prompts plus 24 newly solved ones: a small but consistent gain
+    paired = _compare(new.mean(), old.mean(), 400, new.tolist(), old.tolist())
+    unpaired = _compare(new.mean(), old.mean(), 400)
+    diff = new - old
+    z = diff.mean() / (diff.std(ddof=1) / np.sqrt(400))
+    assert f"{z:.1f} paired standard errors on 400 prompts" in paired and "within noise" not in paired
+    assert "within noise" in unpaired  # the unpaired test cannot see it
+    assert "improved held-out accuracy" in paired
+
+
 # ----------------------------------------------------------------------------------------------- run dirs
 def _config(run_dir: Path, **extra):
     arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,

@@ -102,7 +102,8 @@ class EvalStage(Stage):
             # The KL teacher itself is scored against the already-loaded copy.
             model = kl_teacher if name == f"teacher:{teacher_name}" else ctx.load_model(path)
             metrics = evaluate_policy(model, prompts, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, batch_size=cfg.batch_size,
+                                      temperature=cfg.temperature, top_p=cfg.top_p,
+                                      samples_per_prompt=cfg.samples_per_prompt, batch_size=cfg.batch_size,
                                       seed=ctx.cfg.seed, kl_teacher=kl_teacher, kl_samples=cfg.kl_samples)
             del model
             metrics.update({"path": str(path), "fingerprint": ctx.model_fingerprint(path),

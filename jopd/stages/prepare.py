@@ -56,10 +56,11 @@ def load_problems(cfg: Config) -> dict[str, list[tasks.Problem]]:
         out: dict[str, list[tasks.Problem]] = {}
         counts = {"sft": t.num_sft_prompts, "opd": t.num_opd_prompts, "eval": t.num_eval_prompts}
         for split, n in counts.items():
+            levels = t.sft_difficulty if split == "sft" and t.sft_difficulty else t.difficulty
             # Spread the problems evenly over the configured difficulty levels.
-            per = [n // len(t.difficulty) + (i < n % len(t.difficulty)) for i in range(len(t.difficulty))]
+            per = [n // len(levels) + (i < n % len(levels)) for i in range(len(levels))]
             probs: list[tasks.Problem] = []
-            for level, k in zip(t.difficulty, per):
+            for level, k in zip(levels, per):
                 probs += tasks.make_problems(split, k, t.seed * 1000 + level, level)
             rng = np.random.default_rng(t.seed)
             out[split] = [probs[i] for i in rng.permutation(len(probs))]
@@ -169,7 +170,7 @@ class PrepareStage(Stage):
                 rng_seed = cfg.seed * 7919 + sum(map(ord, name))
                 model = from_params(mcfg, init_params(mcfg, rng_seed), mesh=ctx.mesh)
                 train_probs = tasks.make_problems("sft", t.pretrain_examples, 10_000 + rng_seed,
-                                                  max(cfg.task.difficulty))
+                                                  max(cfg.task.difficulty + (cfg.task.sft_difficulty or [])))
                 examples = [(toklib.encode_chat_prompt(tok, p.prompt),
                              toklib.encode_response(tok, tasks.solve(p, t.style))) for p in train_probs]
                 log.info("prepare: training in-run teacher %s (style %s, %d params, %d examples)",

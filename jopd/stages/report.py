@@ -272,8 +272,13 @@ def _accuracy_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
 
 
-def _compare(new: float | None, old: float | None, n: int | None) -> str:
-    """'improved … / did not improve …' with the difference in standard errors of a proportion."""
+def _compare(new: float | None, old: float | None, n: int | None,
+             new_per_prompt: list[float] | None = None, old_per_prompt: list[float] | None = None) -> str:
+    """'improved … / did not improve …' with the difference in standard errors.
+
+    With both models' per-prompt accuracies on the same prompts the standard error is the paired one
+    (sd of the per-prompt differences / sqrt(n)), which removes the prompt-difficulty variance both models
+    share; otherwise that of a difference of two independent proportions."""
     if new is None or old is None:
         return "could not be compared (missing numbers)"
     delta = new - old
@@ -281,11 +286,18 @@ def _compare(new: float | None, old: float | None, n: int | None) -> str:
         return f"did not improve held-out accuracy (unchanged at {new:.3f})"
     verb = "improved" if delta > 0 else "did not improve (lowered)"
     text = f"{verb} held-out accuracy from {old:.3f} to {new:.3f} ({delta:+.3f})"
-    if n and delta != 0:
-        se = math.sqrt(_accuracy_se(new, n) ** 2 + _accuracy_se(old, n) ** 2)
-        z = abs(delta) / se
-        text += (f", {z:.1f} standard errors on {n} prompts"
-                 + (" (within noise)" if z < 2 else ""))
+    paired = (new_per_prompt is not None and old_per_prompt is not None
+              and len(new_per_prompt) == len(old_per_prompt) > 1)
+    if paired:
+        diff = [a - b for a, b in zip(new_per_prompt, old_per_prompt)]
+        mean = sum(diff) / len(diff)
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1))
+        se, n, kind = sd / math.sqrt(len(diff)), len(diff), "paired standard errors"
+    elif n:
+        se, kind = math.sqrt(_accuracy_se(new, n) ** 2 + _accuracy_se(old, n) ** 2), "standard errors"
+    if (paired or n) and delta != 0:
+        z = abs(delta) / se if se > 0 else math.inf
+        text += f", {z:.1f} {kind} on {n} prompts" + (" (within noise)" if z < 2 else "")
     return text
 
 
@@ -303,7 +315,8 @@ def findings(ctx: RunContext, arms: list[ArmInfo], results: dict[str, Any],
     n = sft.get("num_prompts")
     base = results.get("base") or {}
     if base.get("accuracy") is not None and sft_acc is not None:
-        out.append(f"SFT on teacher {ctx.cfg.sft_teacher}'s responses {_compare(sft_acc, base['accuracy'], n)} "
+        cmp = _compare(sft_acc, base["accuracy"], n, sft.get("per_prompt_accuracy"), base.get("per_prompt_accuracy"))
+        out.append(f"SFT on teacher {ctx.cfg.sft_teacher}'s responses {cmp} "
                    "over the base student.")
     for arm in arms:
         label = f"{'Lightning' if arm.mode == 'lightning' else 'Online'} OPD arm {arm.name} (teacher {arm.teacher})"
@@ -311,7 +324,10 @@ def findings(ctx: RunContext, arms: list[ArmInfo], results: dict[str, Any],
             out.append(f"{label} has no trained model or evaluations yet.")
             continue
         acc, kl = _final_metric(arm, "accuracy"), _final_metric(arm, "reverse_kl")
-        s = f"{label} {_compare(acc, sft_acc, n)} over the SFT student"
+        final = results.get(f"arm:{arm.name}") or {}
+        # Paired only when the final accuracy is this evaluation's (not a periodic one).
+        per_prompt = final.get("per_prompt_accuracy") if final.get("accuracy") == acc else None
+        s = f"{label} {_compare(acc, sft_acc, n, per_prompt, sft.get('per_prompt_accuracy'))} over the SFT student"
         if kl is not None and sft_kl is not None:
             direction = "lowered" if kl < sft_kl else "raised"
             s += (f"; it {direction} the reverse KL to teacher {ctx.cfg.sft_teacher} from {sft_kl:.4f} to "
@@ -399,7 +415,11 @@ def render_report(ctx: RunContext) -> tuple[str, dict[str, Any]]:
     n_prompts = next((r.get("num_prompts") for r in results.values() if r.get("num_prompts")), None)
     lines += ["## Results", "",
               f"Held-out accuracy on {n_prompts if n_prompts else '?'} prompts "
-              f"(temperature {cfg.eval.temperature}); reverse KL(student || teacher {kl_teacher}) per response "
+              + (f"(avg@{cfg.eval.samples_per_prompt}: the mean over {cfg.eval.samples_per_prompt} samples per "
+                 f"prompt at temperature {cfg.eval.temperature}"
+                 + (f", top-p {cfg.eval.top_p}" if cfg.eval.top_p < 1 else "") + ")"
+                 if cfg.eval.samples_per_prompt > 1 else f"(temperature {cfg.eval.temperature})")
+              + f"; reverse KL(student || teacher {kl_teacher}) per response "
               f"token on {cfg.eval.kl_samples} temperature-1 sample(s) per prompt.", "",
               "| model | kind | teacher | consistent | accuracy | reverse KL | wall s | device s | tokens |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -207,7 +207,8 @@ class PeriodicEval:
             self._prompts = read_prompts(self.ctx, "eval")
         kl_teacher = self.teachers.get(cfg.eval.kl_teacher or cfg.sft_teacher)
         res = self._fn(model, self._prompts, self.ctx.tokenizer, max_new_tokens=cfg.eval.max_new_tokens,
-                       temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.seed,
+                       temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                       samples_per_prompt=cfg.eval.samples_per_prompt, batch_size=cfg.eval.batch_size, seed=cfg.seed,
                        kl_teacher=kl_teacher, kl_samples=cfg.eval.kl_samples)
         return {f"eval/{k}": float(v) for k, v in res.items() if isinstance(v, int | float | np.number)}
 
