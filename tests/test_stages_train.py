@@ -158,8 +158,8 @@ def fake_evaluation(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Install a stand-in ``jopd.evaluation`` (written elsewhere) that records its calls."""
     calls: list[int] = []
 
-    def evaluate_policy(model, prompts, tokenizer, *, max_new_tokens, temperature=0.0, batch_size=64, seed=0,
-                        kl_teacher=None, kl_samples=1):
+    def evaluate_policy(model, prompts, tokenizer, *, max_new_tokens, temperature=0.0, samples_per_prompt=1,
+                        top_p=1.0, batch_size=64, seed=0, kl_teacher=None, kl_samples=1):
         assert prompts and "prompt_ids" in prompts[0] and kl_teacher is not None
         calls.append(len(prompts))
         return {"accuracy": 0.25, "reverse_kl": 1.5, "mean_response_len": 3.0, "eos_rate": 1.0}
