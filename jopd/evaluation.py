@@ -148,12 +148,12 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
         raise ValueError("evaluate_policy needs at least one prompt")
 
     k = samples_per_prompt
-    rows = [row for row in prompts for _ in range(k)]
     gen = generate(model, [p for p in prompt_ids for _ in range(k)], max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, eos_token_id=stops, seed=seed, batch_size=batch_size)
     correct: list[bool] = []
     samples: list[dict[str, Any]] = []
-    for j, (row, ids, toks) in enumerate(zip(rows, [p for p in prompt_ids for _ in range(k)], gen.tokens)):
+    for j, toks in enumerate(gen.tokens):
+        row, ids = prompts[j // k], prompt_ids[j // k]  # responses come prompt-major, k per prompt
         text = tokenizer.decode(toks, skip_special_tokens=True)
         ok = bool(check_answer(text, str(row.get("label", ""))))
         correct.append(ok)

@@ -308,9 +308,8 @@ COLUMNS = [("preset", "model"), ("params", "params"), ("batch", "B"), ("seq", "S
            ("peak_gib", "peak GiB"), ("peak_source", "mem source")]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_sweep_args(ap: argparse.ArgumentParser) -> None:
+    """The sweep flags this benchmark shares with bench_torch_reference.py, so both measure the same shapes."""
     ap.add_argument("--small", action="store_true", help="CPU smoke: preset small, P=32, R in (128, 512)")
     ap.add_argument("--preset", nargs="+", default=None, choices=[k for k in PRESETS if "teacher" not in k])
     ap.add_argument("--prompt-len", type=int, default=None, help="default 256 (32 with --small)")
@@ -319,12 +318,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=None, help="default per preset")
     ap.add_argument("--remat", choices=("both", "on", "off"), default="both")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
     ap.add_argument("--aggregation", choices=("seq_mean", "token_mean"), default="seq_mean")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 3 with --small)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu-peak-gflops", type=float, default=50.0,
                     help="peak FLOP/s assumed on CPU for MFU (an estimate, not measured)")
+
+
+def sweep_settings(args: argparse.Namespace) -> tuple[list[str], int, list[int], list[bool], int]:
+    """(presets, prompt length, response lengths, remat settings, timed steps) from `add_sweep_args` flags."""
+    presets = args.preset or (["small"] if args.small else ["50m"])
+    prompt = args.prompt_len or (32 if args.small else 256)
+    responses = args.response_lens or ([128, 512] if args.small else [1024, 4096])
+    remats = {"both": [False, True], "on": [True], "off": [False]}[args.remat]
+    return presets, prompt, responses, remats, args.steps or (3 if args.small else 5)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_args(ap)
+    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="one process per configuration (auto: yes on GPU/TPU, for per-config peak memory)")
     ap.add_argument("--out", default="bench_results/opd_step.json")
@@ -335,11 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("RESULT_JSON:" + json.dumps(run_safe(json.loads(args.one)), default=str))
         return {}
 
-    presets = args.preset or (["small"] if args.small else ["50m"])
-    prompt = args.prompt_len or (32 if args.small else 256)
-    responses = args.response_lens or ([128, 512] if args.small else [1024, 4096])
-    remats = {"both": [False, True], "on": [True], "off": [False]}[args.remat]
-    n_steps = args.steps or (3 if args.small else 5)
+    presets, prompt, responses, remats, n_steps = sweep_settings(args)
 
     env = env_info("jax")
     peak, peak_source = peak_flops(env["device_kind"], env["platform"], args.cpu_peak_gflops)

@@ -39,11 +39,13 @@ from bench_opd_step import (  # noqa: E402 - the shared helpers live next to thi
     DEFAULT_BATCH,
     MFU_FORMULA,
     PRESETS,
+    add_sweep_args,
     env_info,
     fmt,
     is_oom,
     peak_flops,
     print_table,
+    sweep_settings,
     total_params,
     train_flops,
     write_json,
@@ -158,32 +160,16 @@ COLUMNS = [("preset", "model"), ("params", "params"), ("batch", "B"), ("seq", "S
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="CPU smoke: preset small, P=32, R in (128, 512)")
-    ap.add_argument("--preset", nargs="+", default=None, choices=[k for k in PRESETS if "teacher" not in k])
-    ap.add_argument("--prompt-len", type=int, default=None, help="default 256 (32 with --small)")
-    ap.add_argument("--response-lens", type=int, nargs="+", default=None,
-                    help="default 1024 4096 (128 512 with --small)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default per preset (as bench_opd_step.py)")
-    ap.add_argument("--remat", choices=("both", "on", "off"), default="both")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    add_sweep_args(ap)
     ap.add_argument("--attn", choices=("eager", "sdpa"), default="sdpa")
-    ap.add_argument("--aggregation", choices=("seq_mean", "token_mean"), default="seq_mean")
     ap.add_argument("--detach-old", action="store_true",
                     help="ablation: old = lp.detach() (one forward) instead of a separate no_grad forward")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 3 with --small)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--cpu-peak-gflops", type=float, default=50.0,
-                    help="peak FLOP/s assumed on CPU for MFU (an estimate, not measured)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's own, = cores); 1 is more robust on a shared CPU")
     ap.add_argument("--out", default="bench_results/torch_reference.json")
     args = ap.parse_args(argv)
 
-    presets = args.preset or (["small"] if args.small else ["50m"])
-    prompt = args.prompt_len or (32 if args.small else 256)
-    responses = args.response_lens or ([128, 512] if args.small else [1024, 4096])
-    remats = {"both": [False, True], "on": [True], "off": [False]}[args.remat]
-    n_steps = args.steps or (3 if args.small else 5)
+    presets, prompt, responses, remats, n_steps = sweep_settings(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
