@@ -41,6 +41,22 @@ class ConfigValidationError(ValueError):
         super().__init__(f"{source}: {len(self.problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems))
 
 
+# ---- value checks shared by the sections' `problems` methods --------------------------------------------
+def _positive(where: str, value: Any, allow_zero: bool = False) -> list[str]:
+    """``where: must be > 0`` (or ``>= 0``); non-numbers are left to the type check that already reported them."""
+    if isinstance(value, int | float) and (value < 0 or (value == 0 and not allow_zero)):
+        return [f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}"]
+    return []
+
+
+def _sampling_problems(where: str, temperature: float, top_p: float, max_new_tokens: int) -> list[str]:
+    """Bounds every sampler shares (teacher data, rollouts, evaluation)."""
+    errors = _positive(f"{where}.temperature", temperature, allow_zero=True)
+    if not 0 < top_p <= 1:
+        errors.append(f"{where}.top_p: must be in (0, 1], got {top_p}")
+    return errors + _positive(f"{where}.max_new_tokens", max_new_tokens)
+
+
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class MeshSection:
@@ -49,6 +65,15 @@ class MeshSection:
     tensor: int = doc("Tensor-parallel axis size (heads, MLP width, vocabulary split).", 1)
     expert: int = doc("Expert-parallel axis size for MoE models.", 1)
 
+    def problems(self, where: str) -> list[str]:
+        sizes = dataclasses.asdict(self)
+        errors = [f"{where}.{axis}: must be positive or -1 (all remaining devices), got {v}"
+                  for axis, v in sizes.items() if v == 0 or v < -1]
+        auto = [axis for axis, v in sizes.items() if v == -1]
+        if len(auto) > 1:
+            errors.append(f"{where}: at most one axis may be -1 (all remaining devices), got {', '.join(auto)}")
+        return errors
+
 
 @dataclass
 class DistributedSection:
@@ -56,6 +81,15 @@ class DistributedSection:
     coordinator_address: str | None = doc("host:port of process 0; null = auto-detect (TPU/SLURM).", None)
     num_processes: int | None = doc("Total number of processes; null = auto-detect.", None)
     process_id: int | None = doc("This process's index; null = auto-detect.", None)
+
+    def problems(self, where: str) -> list[str]:
+        errors = [] if self.num_processes is None else _positive(f"{where}.num_processes", self.num_processes)
+        if self.process_id is not None:
+            errors += _positive(f"{where}.process_id", self.process_id, allow_zero=True)
+            if self.num_processes is not None and self.process_id >= self.num_processes > 0:
+                errors.append(f"{where}.process_id: must be < num_processes {self.num_processes}, "
+                              f"got {self.process_id}")
+        return errors
 
 
 @dataclass
@@ -68,6 +102,9 @@ class PrecisionSection:
         "Dtype teachers are held in (never trained: bfloat16 halves their memory); null = param_dtype.", None)
     attention_impl: Literal["xla", "cudnn"] = doc("Attention kernel: xla (any backend) or cudnn (NVIDIA).", "xla")
     logits_chunk_size: int = doc("Sequence positions per chunk of the log-prob head.", 256)
+
+    def problems(self, where: str) -> list[str]:
+        return _positive(f"{where}.logits_chunk_size", self.logits_chunk_size)
 
 
 @dataclass
@@ -85,6 +122,20 @@ class TaskSection:
     num_opd_prompts: int = doc("Prompts the SFT student makes rollouts for.", 128)
     num_eval_prompts: int = doc("Held-out prompts for evaluation (disjoint from the others).", 64)
     seed: int = doc("Seed of the problem generator / prompt-file shuffling.", 0)
+
+    def problems(self, where: str) -> list[str]:
+        """Own fields only; whether the prompt files exist is checked by `validate` (``check_files``)."""
+        errors: list[str] = []
+        if self.kind == "prompt_file" and not self.prompt_file:
+            errors.append(f"{where}.prompt_file: required when {where}.kind is prompt_file")
+        for name in ("difficulty", "sft_difficulty"):
+            levels = getattr(self, name)
+            if levels is not None and not levels:
+                errors.append(f"{where}.{name}: must list at least one level (1..3)")
+            for d in levels or []:
+                if not isinstance(d, int) or not 1 <= d <= 3:
+                    errors.append(f"{where}.{name}: values must be 1..3, got {d!r}")
+        return errors
 
 
 @dataclass
@@ -119,17 +170,65 @@ class OptimSection:
     eps: float = doc("Adam epsilon.", 1e-8)
     grad_clip: float = doc("Global gradient-norm clip (0 = off).", 1.0)
 
+    def problems(self, where: str) -> list[str]:
+        errors = (_positive(f"{where}.lr", self.lr)
+                  + _positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
+                  + _positive(f"{where}.weight_decay", self.weight_decay, allow_zero=True)
+                  + _positive(f"{where}.eps", self.eps)
+                  + _positive(f"{where}.grad_clip", self.grad_clip, allow_zero=True))
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"{where}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name, beta in (("b1", self.b1), ("b2", self.b2)):
+            if not 0 <= beta < 1:
+                errors.append(f"{where}.{name}: must be in [0, 1), got {beta}")
+        return errors
+
 
 @dataclass
 class TrainLoop:
     steps: int = doc("Optimizer steps.", 100)
     batch_size: int = doc("Global batch size (sequences per optimizer step).", 16)
-    micro_batch_size: int | None = doc("Sequences per forward/backward; < batch_size = gradient accumulation.", None)
+    micro_batch_size: int | None = doc(
+        "Sequences per forward/backward; < batch_size = gradient accumulation. With token_budget: packed rows per "
+        "forward/backward.", None)
+    token_budget: int | None = doc(
+        "Packed batches: token slots per optimizer step, as rows of `row_len` tokens each holding several whole "
+        "sequences (segment-aware attention, per-sequence positions; the loss is the same estimator). The number "
+        "of sequences per step then varies. null = `batch_size` sequences per step, each padded to the batch's "
+        "length bucket.", None)
+    row_len: int | None = doc("Tokens per packed row (with token_budget); null = the longest sequence rounded up "
+                              "to 64.", None)
     checkpoint_every: int = doc("Save an Orbax checkpoint every N steps (and at the end).", 50)
     keep_checkpoints: int = doc("Checkpoints kept (older ones are deleted).", 2)
     async_checkpointing: bool = doc("Write checkpoints in a background thread.", True)
     log_every: int = doc("Log metrics every N steps.", 10)
     eval_every: int = doc("Evaluate (held-out loss / accuracy) every N steps; 0 = only at the end.", 0)
+
+    def problems(self, where: str) -> list[str]:
+        errors = (_positive(f"{where}.steps", self.steps) + _positive(f"{where}.batch_size", self.batch_size)
+                  + _positive(f"{where}.keep_checkpoints", self.keep_checkpoints)
+                  + _positive(f"{where}.eval_every", self.eval_every, allow_zero=True))
+        micro = self.micro_batch_size
+        if self.token_budget is None:
+            if self.row_len is not None:
+                errors.append(f"{where}.row_len: needs {where}.token_budget (packed batches)")
+            if micro is not None and (micro <= 0 or self.batch_size % micro):
+                errors.append(f"{where}.micro_batch_size: must divide batch_size {self.batch_size}, got {micro}")
+            return errors
+        errors += _positive(f"{where}.token_budget", self.token_budget)
+        if self.row_len is None:
+            # Rows per step depend on the data's longest sequence, known only when the batches are built.
+            return errors + ([] if micro is None else _positive(f"{where}.micro_batch_size", micro))
+        errors += _positive(f"{where}.row_len", self.row_len)
+        if self.token_budget > 0 and self.row_len > 0:
+            rows = self.token_budget // self.row_len
+            if self.token_budget % self.row_len:
+                errors.append(f"{where}.token_budget: must be a multiple of row_len {self.row_len}, "
+                              f"got {self.token_budget}")
+            elif micro is not None and (micro <= 0 or rows % micro):
+                errors.append(f"{where}.micro_batch_size: with token_budget it counts packed rows and must divide "
+                              f"token_budget // row_len = {rows}, got {micro}")
+        return errors
 
 
 @dataclass
@@ -141,6 +240,17 @@ class TeacherSection:
     pretrain_optim: OptimSection = doc("Optimizer of an in-run teacher.", default_factory=OptimSection)
     pretrain_examples: int = doc("Solved problems an in-run teacher is trained on.", 4096)
 
+    def problems(self, where: str) -> list[str]:
+        """Own fields only; whether ``path`` is a model directory is checked by `validate` (``check_files``)."""
+        errors: list[str] = []
+        if self.path is None and self.init is None:
+            errors.append(f"{where}: give either path (HF directory) or init (build in-run)")
+        if self.path is not None and self.init is not None:
+            errors.append(f"{where}: give path or init, not both")
+        return (errors + self.pretrain.problems(f"{where}.pretrain")
+                + self.pretrain_optim.problems(f"{where}.pretrain_optim")
+                + _positive(f"{where}.pretrain_examples", self.pretrain_examples))
+
 
 @dataclass
 class StudentSection:
@@ -148,6 +258,11 @@ class StudentSection:
     init: ArchSection | None = doc("Architecture of a from-scratch student.", None)
     init_from_teacher_layers: str | None = doc(
         "Initialise the student from this teacher's embedding, norms and first num_layers layers.", None)
+
+    def problems(self, where: str) -> list[str]:
+        if self.path is None and self.init is None:
+            return [f"{where}: give either path (HF directory) or init (random init)"]
+        return []
 
 
 @dataclass
@@ -159,11 +274,20 @@ class SamplingSection:
     batch_size: int = doc("Prompts per generate call.", 64)
     seed: int = doc("Sampling seed.", 0)
 
+    def problems(self, where: str) -> list[str]:
+        return (_sampling_problems(where, self.temperature, self.top_p, self.max_new_tokens)
+                + _positive(f"{where}.top_k", self.top_k, allow_zero=True)
+                + _positive(f"{where}.batch_size", self.batch_size))
+
 
 @dataclass
 class RolloutSection(SamplingSection):
     samples_per_prompt: int = doc("Responses sampled per OPD prompt.", 1)
     rows_per_chunk: int = doc("Store rows per TensorStore chunk (unit of writing and resuming).", 64)
+
+    def problems(self, where: str) -> list[str]:
+        return (super().problems(where) + _positive(f"{where}.samples_per_prompt", self.samples_per_prompt)
+                + _positive(f"{where}.rows_per_chunk", self.rows_per_chunk))
 
 
 @dataclass
@@ -172,11 +296,22 @@ class PrecomputeSection:
     topk: int = doc("Also store the teacher's top-k (id, log-prob) per position (0 = off).", 0)
     batch_size: int = doc("Rows scored per forward pass.", 32)
 
+    def problems(self, where: str) -> list[str]:
+        """Own fields only; `validate` checks the teacher names."""
+        return (_positive(f"{where}.topk", self.topk, allow_zero=True)
+                + _positive(f"{where}.batch_size", self.batch_size))
+
 
 @dataclass
 class SFTSection(TrainLoop):
     optim: OptimSection = doc("Optimizer.", default_factory=OptimSection)
     holdout_fraction: float = doc("Fraction of SFT examples held out for the held-out loss.", 0.05)
+
+    def problems(self, where: str) -> list[str]:
+        errors = super().problems(where) + self.optim.problems(f"{where}.optim")
+        if not 0 <= self.holdout_fraction < 1:
+            errors.append(f"{where}.holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
+        return errors
 
 
 @dataclass
@@ -191,6 +326,13 @@ class OPDSection(TrainLoop):
     kl_coef: float = doc("Coefficient of a k3 KL penalty to the SFT (reference) policy (0 = off, no ref pass).", 0.0)
     tis_cap: float | None = doc("Truncated importance weight cap to the behaviour policy (null = off).", None)
     shuffle: bool = doc("Shuffle the fixed rollouts each epoch (lightning arms).", True)
+
+    def problems(self, where: str) -> list[str]:
+        return (super().problems(where) + self.optim.problems(f"{where}.optim")
+                + _positive(f"{where}.eps_low", self.eps_low, allow_zero=True)
+                + _positive(f"{where}.eps_high", self.eps_high, allow_zero=True)
+                + _positive(f"{where}.kl_coef", self.kl_coef, allow_zero=True)
+                + ([] if self.tis_cap is None else _positive(f"{where}.tis_cap", self.tis_cap)))
 
 
 @dataclass
@@ -216,6 +358,18 @@ class EvalSection:
     batch_size: int = doc("Prompts per generate call.", 64)
     models: list[str] = doc("What to evaluate: base, sft, teacher:NAME, arm:NAME; empty = everything present.",
                             default_factory=list)
+
+    def problems(self, where: str) -> list[str]:
+        """Own fields only; `validate` checks the teacher named by ``kl_teacher``."""
+        errors = _sampling_problems(where, self.temperature, self.top_p, self.max_new_tokens)
+        if self.samples_per_prompt < 1:
+            errors.append(f"{where}.samples_per_prompt: must be >= 1, got {self.samples_per_prompt}")
+        elif self.samples_per_prompt > 1 and self.temperature == 0:
+            errors.append(f"{where}.samples_per_prompt: {self.samples_per_prompt} responses per prompt need "
+                          f"{where}.temperature > 0 (temperature 0 is greedy: one response)")
+        if self.kl_samples < 1:
+            errors.append(f"{where}.kl_samples: must be >= 1, got {self.kl_samples}")
+        return errors + _positive(f"{where}.batch_size", self.batch_size)
 
 
 @dataclass
@@ -382,14 +536,22 @@ def apply_override(data: dict, assignment: str) -> None:
         node[last] = value
 
 
-# ---- semantic checks ------------------------------------------------------------------------------------
-def _positive(errors: list[str], where: str, value: Any, allow_zero: bool = False) -> None:
-    if isinstance(value, int | float) and (value < 0 or (value == 0 and not allow_zero)):
-        errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+# ---- cross-section checks ----------------------------------------------------------------------------------
+def _section_problems(cfg: Config) -> list[str]:
+    """Every section's checks of its own fields, each problem under its dotted path."""
+    errors: list[str] = []
+    for name in ("mesh", "distributed", "precision", "task", "student", "teacher_data", "sft", "rollout",
+                 "precompute", "opd", "eval"):
+        errors += getattr(cfg, name).problems(name)
+    for name, t in cfg.teachers.items():
+        errors += t.problems(f"teachers.{name}")
+    return errors
 
 
 def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list[str]:
-    """Cross-field checks and (with ``check_files``) file existence. Returns the problems (empty = valid)."""
+    """Each section's own checks, the checks across sections and (with ``check_files``) file existence.
+
+    Returns the problems, each starting with its dotted path (empty = valid)."""
     errors: list[str] = []
     for s in cfg.stages:
         if s not in STAGES:
@@ -397,6 +559,7 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
     order = [s for s in STAGES if s in cfg.stages]
     if order != [s for s in cfg.stages if s in STAGES]:
         errors.append(f"stages: must be in pipeline order {list(STAGES)}")
+    errors += _section_problems(cfg)
 
     def path_ok(where: str, p: str | None, kind: str = "any") -> None:
         if p is None or not check_files:
@@ -411,29 +574,14 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
 
     path_ok("tokenizer.path", cfg.tokenizer.path, "dir")
     if cfg.task.kind == "prompt_file":
-        if not cfg.task.prompt_file:
-            errors.append("task.prompt_file: required when task.kind is prompt_file")
         path_ok("task.prompt_file", cfg.task.prompt_file, "file")
         path_ok("task.eval_prompt_file", cfg.task.eval_prompt_file, "file")
-    for field in ("difficulty", "sft_difficulty"):
-        levels = getattr(cfg.task, field)
-        if levels is not None and not levels:
-            errors.append(f"task.{field}: must list at least one level (1..3)")
-        for d in levels or []:
-            if not isinstance(d, int) or not 1 <= d <= 3:
-                errors.append(f"task.{field}: values must be 1..3, got {d!r}")
     if not cfg.teachers:
         errors.append("teachers: at least one teacher is required")
     for name, t in cfg.teachers.items():
-        if t.path is None and t.init is None:
-            errors.append(f"teachers.{name}: give either path (HF directory) or init (build in-run)")
-        if t.path is not None and t.init is not None:
-            errors.append(f"teachers.{name}: give path or init, not both")
         path_ok(f"teachers.{name}.path", t.path, "hf")
         if t.init is not None and cfg.task.kind != "arithmetic":
             errors.append(f"teachers.{name}.init: in-run teachers need task.kind=arithmetic")
-    if cfg.student.path is None and cfg.student.init is None:
-        errors.append("student: give either path (HF directory) or init (random init)")
     path_ok("student.path", cfg.student.path, "hf")
     if cfg.student.init_from_teacher_layers and cfg.student.init_from_teacher_layers not in cfg.teachers:
         errors.append(f"student.init_from_teacher_layers: unknown teacher {cfg.student.init_from_teacher_layers!r}")
@@ -451,33 +599,8 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
         if a.mode == "lightning" and a.teacher not in cfg.precompute.teachers and "train" in cfg.stages:
             errors.append(f"arms[{i}] ({a.name}): lightning arm's teacher {a.teacher!r} is not in "
                           "precompute.teachers")
-    for loop_name in ("sft", "opd"):
-        loop = getattr(cfg, loop_name)
-        _positive(errors, f"{loop_name}.steps", loop.steps)
-        _positive(errors, f"{loop_name}.batch_size", loop.batch_size)
-        if loop.micro_batch_size is not None and (loop.micro_batch_size <= 0
-                                                  or loop.batch_size % loop.micro_batch_size):
-            errors.append(f"{loop_name}.micro_batch_size: must divide batch_size {loop.batch_size}, "
-                          f"got {loop.micro_batch_size}")
-        _positive(errors, f"{loop_name}.optim.lr", loop.optim.lr)
-    for name, s in (("teacher_data", cfg.teacher_data), ("rollout", cfg.rollout)):
-        _positive(errors, f"{name}.temperature", s.temperature, allow_zero=True)
-        if not 0 < s.top_p <= 1:
-            errors.append(f"{name}.top_p: must be in (0, 1], got {s.top_p}")
-        _positive(errors, f"{name}.max_new_tokens", s.max_new_tokens)
-    _positive(errors, "opd.eps_low", cfg.opd.eps_low, allow_zero=True)
-    _positive(errors, "opd.eps_high", cfg.opd.eps_high, allow_zero=True)
-    if cfg.opd.tis_cap is not None:
-        _positive(errors, "opd.tis_cap", cfg.opd.tis_cap)
     if cfg.export.arm is not None and cfg.export.arm not in names:
         errors.append(f"export.arm: unknown arm {cfg.export.arm!r} (arms: {names})")
-    if cfg.eval.samples_per_prompt < 1:
-        errors.append(f"eval.samples_per_prompt: must be >= 1, got {cfg.eval.samples_per_prompt}")
-    elif cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:
-        errors.append(f"eval.samples_per_prompt: {cfg.eval.samples_per_prompt} responses per prompt need "
-                      "eval.temperature > 0 (temperature 0 is greedy: one response)")
-    if not 0 < cfg.eval.top_p <= 1:
-        errors.append(f"eval.top_p: must be in (0, 1], got {cfg.eval.top_p}")
     if cfg.eval.kl_teacher is not None and cfg.eval.kl_teacher not in cfg.teachers:
         errors.append(f"eval.kl_teacher: unknown teacher {cfg.eval.kl_teacher!r}")
     return errors

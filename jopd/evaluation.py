@@ -3,7 +3,7 @@
 Accuracy
     ``samples_per_prompt`` (k) responses per prompt (greedy by default, then k must be 1) that stop at the chat
     template's end-of-turn id or any of the model's EOS ids, decoded with ``skip_special_tokens=True`` and
-    checked against the prompt's label by :func:`jopd.data.tasks.check_answer`. The accuracy is the mean over
+    checked against the prompt's label by ``check_answer`` (the task's grader). The accuracy is the mean over
     all responses (avg@k, the paper's metric); its standard error is taken over prompts (the k responses
     to one prompt are not independent).
 
@@ -21,19 +21,19 @@ Only pure functions and the given models are used: nothing is read from or writt
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from jopd.data.tasks import check_answer
-from jopd.data.tokenizer import end_of_turn_id
+from jopd.data.grading import check_answer
+from jopd.data.tokenizer import stop_ids
 from jopd.models import token_logprobs
 from jopd.models.hf import Model
-from jopd.sampling import generate
+from jopd.sampling import GenerationResult, bucket, generate, sequences
+from jopd.sharding import to_host
 
-__all__ = ["evaluate_policy", "host_array", "reverse_kl_estimate", "stop_ids"]
+__all__ = ["evaluate_policy", "reverse_kl_estimate"]
 
 # How many (prompt, response, correct) examples evaluate_policy returns for the report.
 NUM_SAMPLES = 4
@@ -41,70 +41,47 @@ NUM_SAMPLES = 4
 MIN_SEQ_BUCKET = 16
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum): keeps the number of compiled shapes logarithmic."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+def _pad(a: np.ndarray, rows: int, width: int) -> np.ndarray:
+    """``a [n, m]`` cut or zero-padded to ``[rows, width]`` (rows >= n)."""
+    out = np.zeros((rows, width), a.dtype)
+    a = a[:, :width]
+    out[:a.shape[0], :a.shape[1]] = a
+    return out
 
 
-def host_array(x: jax.Array) -> np.ndarray:
-    """A (possibly multi-host sharded) array as one numpy array on every process."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def stop_ids(model: Model, tokenizer: Any) -> tuple[int, ...]:
-    """Ids that end a response: the tokenizer's end-of-turn id plus the model config's EOS ids."""
-    ids = {int(end_of_turn_id(tokenizer))} | {int(e) for e in model.config.eos_token_id}
-    return tuple(sorted(ids))
-
-
-def reverse_kl_estimate(teacher: Model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                        student_logprobs: Sequence[Sequence[float]], *, batch_size: int = 64
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def reverse_kl_estimate(teacher: Model, prompts: Sequence[Sequence[int]], student: GenerationResult, *,
+                        batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Per-sequence sums of ``student_lp − teacher_lp`` over response tokens, and the response lengths.
 
-    Sequences (prompt + response) are right-padded into power-of-two length buckets and row counts, so
-    repeated evaluations reuse the compiled teacher forward pass.
+    ``student`` holds the responses to ``prompts`` (``N`` rows) and their behaviour log-probs. Each batch of
+    prompt + response rows is padded to a power-of-two row count and length, so repeated evaluations reuse
+    the compiled teacher forward pass.
 
     Returns:
         ``(log_ratio_sums [N] float64, response_lengths [N] int64)``.
     """
-    if not (len(prompts) == len(responses) == len(student_logprobs)):
-        raise ValueError("prompts, responses and student_logprobs must have the same length")
-    n = len(prompts)
+    seqs = sequences(prompts, student)
+    total = seqs["prompt_len"] + seqs["response_len"]
+    n = len(total)
     sums = np.zeros(n, np.float64)
-    lengths = np.array([len(r) for r in responses], np.int64)
     for start in range(0, n, batch_size):
-        idx = range(start, min(start + batch_size, n))
-        seq_len = _bucket(max(len(prompts[i]) + len(responses[i]) for i in idx), MIN_SEQ_BUCKET)
-        rows = _bucket(len(idx))
-        tokens = np.zeros((rows, seq_len), np.int32)
-        mask = np.zeros((rows, seq_len), np.int32)
-        resp_mask = np.zeros((rows, seq_len), bool)
-        student = np.zeros((rows, seq_len), np.float64)
-        for r, i in enumerate(idx):
-            p, y = list(prompts[i]), list(responses[i])
-            if len(student_logprobs[i]) != len(y):
-                raise ValueError(f"row {i}: {len(y)} response tokens but {len(student_logprobs[i])} log-probs")
-            tokens[r, :len(p) + len(y)] = p + y
-            mask[r, :len(p) + len(y)] = 1
-            resp_mask[r, len(p):len(p) + len(y)] = True
-            student[r, len(p):len(p) + len(y)] = student_logprobs[i]
+        stop = min(start + batch_size, n)
+        rows, width = bucket(stop - start), bucket(int(total[start:stop].max()), MIN_SEQ_BUCKET)
+        tokens, mask, response_mask, student_lp = (
+            _pad(seqs[k][start:stop], rows, width) for k in ("tokens", "mask", "response_mask", "behaviour_logprobs"))
         # Unused rows keep one real token so every row is a valid (trivially short) sequence.
-        mask[len(idx):, 0] = 1
-        teacher_lp = host_array(token_logprobs(teacher, tokens, mask)).astype(np.float64)
-        ratio = np.where(resp_mask, student - teacher_lp, 0.0)
-        sums[start:start + len(idx)] = ratio[:len(idx)].sum(axis=1)
-    return sums, lengths
+        mask[stop - start:, 0] = 1
+        teacher_lp = to_host(token_logprobs(teacher, tokens, mask)).astype(np.float64)
+        ratio = np.where(response_mask == 1, student_lp.astype(np.float64) - teacher_lp, 0.0)
+        sums[start:stop] = ratio[:stop - start].sum(axis=1)
+    return sums, seqs["response_len"].astype(np.int64)
 
 
 def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_new_tokens: int,
                     temperature: float = 0.0, samples_per_prompt: int = 1, top_p: float = 1.0, batch_size: int = 64,
                     seed: int = 0, kl_teacher: Model | None = None, kl_samples: int = 1,
-                    eos_token_id: int | Sequence[int] | None = None) -> dict[str, Any]:
+                    eos_token_id: int | Sequence[int] | None = None,
+                    generate_fn: Callable[..., GenerationResult] = generate) -> dict[str, Any]:
     """Accuracy (and optionally reverse KL to ``kl_teacher``) of ``model`` on held-out prompts.
 
     Args:
@@ -120,7 +97,8 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
         seed: Sampling seed (accuracy samples use ``seed``, KL samples ``seed + 1``).
         kl_teacher: Teacher for the reverse-KL estimate; None skips it.
         kl_samples: Student samples per prompt for the KL estimate.
-        eos_token_id: Stop ids; default :func:`stop_ids` (end-of-turn + the model's EOS ids).
+        eos_token_id: Stop ids; default :func:`jopd.data.tokenizer.stop_ids` (end-of-turn + the model's EOS ids).
+        generate_fn: The sampler, called like :func:`jopd.sampling.generate` (the default).
 
     Returns:
         ``accuracy`` (avg@k), ``accuracy_se`` (standard error over prompts), ``per_prompt_accuracy`` (the
@@ -141,27 +119,27 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
     if temperature == 0.0 and samples_per_prompt != 1:
         raise ValueError(f"greedy evaluation (temperature 0) gives one response per prompt; "
                          f"samples_per_prompt={samples_per_prompt} needs temperature > 0")
-    stops: int | Sequence[int] = eos_token_id if eos_token_id is not None else stop_ids(model, tokenizer)
+    stops: int | Sequence[int] = eos_token_id if eos_token_id is not None else stop_ids(tokenizer, model.config)
     prompt_ids = [list(map(int, row["prompt_ids"])) for row in prompts]
     out: dict[str, Any] = {"num_prompts": len(prompt_ids)}
     if not prompt_ids:
         raise ValueError("evaluate_policy needs at least one prompt")
 
     k = samples_per_prompt
-    gen = generate(model, [p for p in prompt_ids for _ in range(k)], max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, eos_token_id=stops, seed=seed, batch_size=batch_size)
+    gen = generate_fn(model, [p for p in prompt_ids for _ in range(k)], max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, eos_token_id=stops, seed=seed, batch_size=batch_size)
     correct: list[bool] = []
     samples: list[dict[str, Any]] = []
-    for j, toks in enumerate(gen.tokens):
+    for j in range(len(gen.lengths)):
         row, ids = prompts[j // k], prompt_ids[j // k]  # responses come prompt-major, k per prompt
-        text = tokenizer.decode(toks, skip_special_tokens=True)
+        text = tokenizer.decode(gen.response(j), skip_special_tokens=True)
         ok = bool(check_answer(text, str(row.get("label", ""))))
         correct.append(ok)
         if len(samples) < NUM_SAMPLES and j % k == 0:  # the first response of each of the first prompts
             prompt_text = row.get("prompt") or tokenizer.decode(ids, skip_special_tokens=True)
             samples.append({"prompt": prompt_text, "response": text, "label": str(row.get("label", "")),
                             "correct": ok})
-    lengths = np.array([len(t) for t in gen.tokens], np.float64)
+    lengths = gen.lengths.astype(np.float64)
     per_prompt = np.asarray(correct, np.float64).reshape(len(prompt_ids), k).mean(axis=1)
     n = len(per_prompt)
     out.update({
@@ -179,10 +157,9 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
     if kl_teacher is not None:
         kl_prompts = [p for p in prompt_ids for _ in range(kl_samples)]
         # Temperature 1 and no truncation: the behaviour log-probs are the student's own distribution.
-        kl_gen = generate(model, kl_prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                          eos_token_id=stops, seed=seed + 1, batch_size=batch_size)
-        sums, resp_lens = reverse_kl_estimate(kl_teacher, kl_prompts, kl_gen.tokens, kl_gen.logprobs,
-                                              batch_size=batch_size)
+        kl_gen = generate_fn(model, kl_prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                             top_k=0, eos_token_id=stops, seed=seed + 1, batch_size=batch_size)
+        sums, resp_lens = reverse_kl_estimate(kl_teacher, kl_prompts, kl_gen, batch_size=batch_size)
         total_tokens = int(resp_lens.sum())
         out.update({
             "reverse_kl": float(sums.sum() / max(total_tokens, 1)),

@@ -23,6 +23,13 @@ denominators once with :func:`loss_denominators` and pass them as ``num_tokens``
 micro-batch call; each call then returns that micro-batch's *share* of the full-batch loss, and the **sum**
 (not the mean) of the micro-batch losses and gradients equals the full-batch loss and gradient exactly.
 
+Packed rows
+-----------
+A row may hold several sequences back to back, told apart by ``segment_ids`` ``[B, T]`` (1, 2, ... per
+sequence of the row, 0 on trailing padding, which belongs to no sequence). Only ``seq_mean`` cares: its
+"sequence" is then a (row, segment id > 0) pair instead of a row, so a packed batch gives the same loss and
+gradient as the same sequences unpacked. Micro-batches split rows, so a sequence still never spans two.
+
 All functions are pure and jit-friendly: string / float options are static Python values (validated eagerly,
 so pass them via ``functools.partial`` or ``static_argnames`` under ``jax.jit``); ``num_tokens`` / ``num_seqs``
 may be traced arrays.
@@ -95,7 +102,23 @@ def _metric(x: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(x).astype(jnp.float32)
 
 
-def loss_denominators(response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _sequence_sum(x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Per-sequence sums of ``x`` [B, T]: ``[B, 1]`` (one sequence a row) or, packed, ``[B, T]`` with slot
+    ``s`` holding segment ``s + 1`` of the row (unused slots 0).
+
+    A per-row segment sum: O(B*T), and the batch axis stays a batch axis for sharding. Segment 0 (padding)
+    is sent out of range, where ``segment_sum`` drops it.
+    """
+    if segment_ids is None:
+        return jnp.sum(x, axis=-1, keepdims=True)
+    t = x.shape[-1]
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    slots = jnp.where(seg > 0, seg - 1, t)
+    return jax.vmap(lambda v, k: jax.ops.segment_sum(v, k, num_segments=t))(x, slots)
+
+
+def loss_denominators(response_mask: jax.Array,
+                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Full-batch denominators for exact gradient accumulation.
 
     Call this on the *full* batch's mask before splitting it into micro-batches, and pass the results as
@@ -104,14 +127,17 @@ def loss_denominators(response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Args:
       response_mask: [B, T] full-batch response mask (bool / int / float, 1 on response tokens).
+      segment_ids: [B, T] segment ids of packed rows (see the module docstring); None = one sequence a row.
 
     Returns:
       ``(num_tokens, num_seqs)``: float32 scalars -- the number of response tokens, and the number of
       sequences that have at least one response token (the only ones ``seq_mean`` counts).
     """
+    _check_shapes(response_mask, segment_ids=segment_ids)
     m = jnp.asarray(response_mask).astype(jnp.float32)
     num_tokens = jnp.sum(m)
-    num_seqs = jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))
+    tokens_per_seq = _sequence_sum(m, segment_ids)
+    num_seqs = jnp.sum((tokens_per_seq > 0).astype(jnp.float32))
     return num_tokens, num_seqs
 
 
@@ -125,6 +151,7 @@ def aggregate(
     *,
     num_tokens: jax.Array | float | None = None,
     num_seqs: jax.Array | float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Reduce a per-token quantity to a scalar over the response tokens.
 
@@ -132,7 +159,8 @@ def aggregate(
       * ``"token_mean"``: ``sum(x * m) / sum(m)`` over the whole batch -- every token weighs the same.
       * ``"seq_mean"``: each sequence's token-mean ``sum_t(x * m) / sum_t(m)``, then the mean over sequences
         ("per-sample token-mean", the Lightning OPD setting) -- every sequence weighs the same. Sequences with
-        no response token contribute 0 and are not counted in the denominator.
+        no response token contribute 0 and are not counted in the denominator. A sequence is a row, or with
+        ``segment_ids`` a (row, segment id > 0) pair (tokens of segment 0 belong to none and are ignored).
 
     An empty mask gives 0 (not NaN) in both modes.
 
@@ -150,12 +178,13 @@ def aggregate(
       mode: ``"token_mean"`` or ``"seq_mean"`` (static).
       num_tokens: optional scalar override of the token-mean denominator.
       num_seqs: optional scalar override of the seq-mean denominator.
+      segment_ids: [B, T] segment ids of packed rows; None = one sequence a row.
 
     Returns:
       Scalar in the dtype of ``per_token`` (promoted to at least float32).
     """
     _check_aggregation(mode)
-    _check_shapes(response_mask, per_token=per_token)
+    _check_shapes(response_mask, per_token=per_token, segment_ids=segment_ids)
     dtype = _compute_dtype(per_token)
     m = jnp.asarray(response_mask).astype(dtype)
     # where (not just multiply) so non-finite values in padding cannot leak into the sum or its gradient.
@@ -165,8 +194,8 @@ def aggregate(
         den = jnp.sum(m) if num_tokens is None else jnp.asarray(num_tokens, dtype)
         return _safe_div(jnp.sum(x), den)
 
-    tokens_per_seq = jnp.sum(m, axis=-1)  # [B]
-    seq_means = _safe_div(jnp.sum(x, axis=-1), tokens_per_seq)  # [B]; 0 for empty sequences
+    tokens_per_seq = _sequence_sum(m, segment_ids)  # [B, 1] or [B, T]
+    seq_means = _safe_div(_sequence_sum(x, segment_ids), tokens_per_seq)  # 0 for empty sequences / slots
     if num_seqs is None:
         den = jnp.sum((tokens_per_seq > 0).astype(dtype))
     else:
@@ -214,6 +243,7 @@ def opd_loss(
     kl_coef: float = 0.0,
     num_tokens: jax.Array | float | None = None,
     num_seqs: jax.Array | float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """On-policy distillation loss: PPO clipped surrogate with the teacher-minus-student advantage.
 
@@ -235,10 +265,10 @@ def opd_loss(
         without ``tis_cap`` only adds the ``behaviour_*`` diagnostics, it does not reweight);
       * optional KL penalty to a reference (SFT) policy: ``+ kl_coef * low_var_kl(student, ref)``.
 
-    The per-token total is reduced with :func:`aggregate` (``aggregation``, ``num_tokens``, ``num_seqs``;
-    see there for gradient accumulation). In the fused default the gradient w.r.t. ``student_t`` is
-    ``-w_t * A_t * m_t / denom`` (``denom`` = token count, or ``num_seqs * len_b`` for ``seq_mean``) plus the
-    KL term's.
+    The per-token total is reduced with :func:`aggregate` (``aggregation``, ``num_tokens``, ``num_seqs``,
+    ``segment_ids``; see there for gradient accumulation). In the fused default the gradient w.r.t.
+    ``student_t`` is ``-w_t * A_t * m_t / denom`` (``denom`` = token count, or ``num_seqs * len`` of the
+    token's sequence for ``seq_mean``) plus the KL term's.
 
     Metrics (float32 scalars, stop-gradient, masked means over this call's response tokens; to combine
     micro-batches weight them by ``num_tokens``, except ``behaviour_ratio_max`` (take the max) and
@@ -276,6 +306,8 @@ def opd_loss(
       tis_cap: truncation of the importance weight (> 0); requires ``behaviour_logprobs``; None = no TIS.
       kl_coef: weight of the KL penalty (>= 0); > 0 requires ``ref_logprobs``.
       num_tokens, num_seqs: full-batch denominators for gradient accumulation (:func:`loss_denominators`).
+      segment_ids: [B, T] segment ids of packed rows (``seq_mean`` and ``num_seqs`` only; the advantage
+        normalisation and the other metrics are per token already).
 
     Returns:
       ``(loss, metrics)``: scalar loss (float32 for float32 inputs) and a dict of float32 scalar metrics.
@@ -289,6 +321,7 @@ def opd_loss(
         old_logprobs=old_logprobs,
         behaviour_logprobs=behaviour_logprobs,
         ref_logprobs=ref_logprobs,
+        segment_ids=segment_ids,
     )
     if not 0.0 <= eps_low < 1.0:
         raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
@@ -361,9 +394,10 @@ def opd_loss(
             per_token = per_token + kl_coef * kl
         metrics["kl_ref"] = _metric(_masked_mean(kl, m))
 
-    loss = aggregate(per_token, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+    loss = aggregate(per_token, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                     segment_ids=segment_ids)
 
-    num_tok, num_seq = loss_denominators(m)
+    num_tok, num_seq = loss_denominators(m, segment_ids)
     metrics.update(
         advantage_mean=_metric(_masked_mean(raw_adv, m)),
         reverse_kl=_metric(_masked_mean(old - teacher, m)),
@@ -386,6 +420,7 @@ def sft_loss(
     aggregation: Aggregation = "token_mean",
     num_tokens: jax.Array | float | None = None,
     num_seqs: jax.Array | float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Negative log-likelihood of the response tokens.
 
@@ -394,18 +429,19 @@ def sft_loss(
       response_mask: [B, T] 1 on response (target) tokens.
       aggregation: ``"token_mean"`` (default) or ``"seq_mean"``; see :func:`aggregate`.
       num_tokens, num_seqs: full-batch denominators for gradient accumulation (:func:`loss_denominators`).
+      segment_ids: [B, T] segment ids of packed rows; None = one sequence a row (see :func:`aggregate`).
 
     Returns:
       ``(loss, metrics)`` with float32 scalar metrics ``nll`` (token-mean NLL over this call's response
       tokens, independent of ``aggregation`` and of the overrides), ``num_tokens`` and ``num_seqs`` (local).
     """
     _check_aggregation(aggregation)
-    _check_shapes(response_mask, logprobs=logprobs)
+    _check_shapes(response_mask, logprobs=logprobs, segment_ids=segment_ids)
     dtype = _compute_dtype(logprobs)
     m = jnp.asarray(response_mask).astype(dtype)
     nll = jnp.where(m > 0, -jnp.asarray(logprobs).astype(dtype), 0)
-    loss = aggregate(nll, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
-    num_tok, num_seq = loss_denominators(m)
+    loss = aggregate(nll, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=segment_ids)
+    num_tok, num_seq = loss_denominators(m, segment_ids)
     metrics = {
         "nll": _metric(_masked_mean(nll, m)),
         "num_tokens": _metric(num_tok),

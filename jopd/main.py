@@ -1,12 +1,10 @@
-"""Command line: ``python -m jopd.main --config configs/X.yaml [--run-dir DIR] [key.sub=value ...]``."""
+"""Command line: ``python -m jopd.main --config configs/X.yaml [--run-dir DIR] [--stages a,b] [key.sub=value ...]``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -22,8 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S")
     log = logging.getLogger("jopd")
     # Orbax/absl log every checkpoint-manager detail at INFO; keep the run log readable.
     for noisy in ("absl", "orbax"):
@@ -50,36 +48,34 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(**kw)
 
     from jopd import sharding
-    from jopd.stages import RunContext, StageError, get_stage, run_stage
-    from jopd.stages.base import atomic_write_json
+    from jopd.io import atomic_write_json, atomic_write_text
+    from jopd.loop import TrainingError
+    from jopd.pipeline import Run, StageError, run_stage
+    from jopd.stages import stage
 
     try:
         mesh = sharding.make_mesh(sharding.MeshConfig(**vars(cfg.mesh)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.run_dir)
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "config.yaml.tmp", "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-        handler = logging.FileHandler(run_dir / "run.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    run = Run.create(cfg, mesh)
+    if run.is_main:
+        atomic_write_text(run.layout.config_yaml, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        handler = logging.FileHandler(run.layout.run_log)
+        handler.setFormatter(logging.Formatter(fmt))
         logging.getLogger().addHandler(handler)
-    log.info("run_dir %s | devices %d (%s) | mesh %s | processes %d", run_dir, jax.device_count(),
+    log.info("run_dir %s | devices %d (%s) | mesh %s | processes %d", run.layout.root, jax.device_count(),
              jax.devices()[0].platform, dict(mesh.shape), jax.process_count())
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, mesh=mesh)
     summary = {}
     try:
         for name in cfg.stages:
-            summary[name] = run_stage(get_stage(name), ctx)
-    except StageError as e:
+            summary[name] = run_stage(stage(name), run)
+    except (StageError, TrainingError) as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if jax.process_index() == 0:
-        atomic_write_json(run_dir / "summary.json", summary)
+    if run.is_main:
+        atomic_write_json(run.layout.summary, summary)
     log.info("all stages done: %s", ", ".join(cfg.stages))
     return 0
 

@@ -18,11 +18,12 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jopd import sharding
 from jopd.models.config import ModelConfig
@@ -53,14 +54,31 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """Per prompt: new token ids (EOS included when emitted), their behaviour log-probs, and whether the
-    row ended with EOS (False = truncated at max_new_tokens)."""
+    """The responses of one `generate` call: one row per prompt, right-padded with zeros."""
 
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    ended_with_eos: list[bool]
+    tokens: np.ndarray          # int32 [N, max_new_tokens]: new ids (the stop id included when emitted)
+    logprobs: np.ndarray        # float32 [N, max_new_tokens]: behaviour log-probs of those ids
+    lengths: np.ndarray         # int32 [N]: real ids per row; tokens and logprobs are 0 after them
+    ended_with_eos: np.ndarray  # bool [N]: False = truncated at max_new_tokens
+
+    def response(self, i: int) -> list[int]:
+        """Row ``i``'s new ids without padding (what a tokenizer decodes)."""
+        return self.tokens[i, :self.lengths[i]].tolist()
+
+
+class DecodeState(NamedTuple):
+    """What the decode loop carries, for ``B`` rows, ``P`` prompt slots and ``M`` new tokens at most."""
+
+    cache: KVCache     # k, v [layers, B, P + M, kv_heads, head_dim]
+    key_valid: Array   # bool [B, P + M]: slots holding a real token
+    next_pos: Array    # int32 [B]: position id of the token fed next
+    tokens: Array      # int32 [B, M]: sampled ids, 0 once a row is done
+    logprobs: Array    # float32 [B, M]: their behaviour log-probs, 0 once a row is done
+    done: Array        # bool [B]: the row has emitted a stop id
+    lengths: Array     # int32 [B]: ids sampled before the row was done (the stop id included)
+    step: Array        # int32 []: index of the next id to sample
 
 
 def truncated_logits(logits: Array, params: SamplingParams) -> Array:
@@ -98,89 +116,92 @@ def _row_keys(base_key: Array, row_ids: Array, step) -> Array:
 
 
 def _prefill(params, tokens, mask, row_ids, base_key, *, config: ModelConfig, max_new: int,
-             sp: SamplingParams, eos_ids: tuple[int, ...], mesh):
-    """tokens/mask ``[B, P]`` left-padded → decode state with the first new token sampled."""
-    with sharding.activate(mesh):
-        b, p = tokens.shape
-        s = p + max_new
-        dt = jnp.dtype(config.compute_dtype)
-        cache_shape = (config.num_layers, b, s, config.num_kv_heads, config.head_dim)
-        axes = ("layers", "batch", None, "kv_heads", "head_dim")
-        cache = KVCache(sharding.constrain(jnp.zeros(cache_shape, dt), axes),
-                        sharding.constrain(jnp.zeros(cache_shape, dt), axes))
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        key_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, max_new), bool)], axis=1)
-        slots = jnp.arange(s)
-        attn = (slots[None, :] <= jnp.arange(p)[:, None])[None] & key_valid[:, None, :]
-        hidden, cache = Decoder(config).apply({"params": params}, tokens, positions, attn, cache,
-                                             jnp.zeros((), jnp.int32))
-        logits = jnp.einsum("bd,dv->bv", hidden[:, -1], output_kernel(params, config).astype(hidden.dtype),
+             sp: SamplingParams, eos_ids: tuple[int, ...]) -> DecodeState:
+    """tokens/mask ``[B, P]`` left-padded, row_ids ``[B]`` → decode state with the first new token sampled."""
+    b, p = tokens.shape
+    s = p + max_new
+    dt = jnp.dtype(config.compute_dtype)
+    cache_shape = (config.num_layers, b, s, config.num_kv_heads, config.head_dim)
+    axes = ("layers", "batch", None, "kv_heads", "head_dim")
+    cache = KVCache(sharding.constrain(jnp.zeros(cache_shape, dt), axes),
+                    sharding.constrain(jnp.zeros(cache_shape, dt), axes))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    key_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, max_new), bool)], axis=1)
+    slots = jnp.arange(s)
+    attn = (slots[None, :] <= jnp.arange(p)[:, None])[None] & key_valid[:, None, :]
+    hidden, cache = Decoder(config).apply({"params": params}, tokens, positions, attn, cache,
+                                         jnp.zeros((), jnp.int32))
+    logits = jnp.einsum("bd,dv->bv", hidden[:, -1], output_kernel(params, config).astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    tok, lp = sample_tokens(logits, _row_keys(base_key, row_ids, 0), sp)
+    done = jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros((b,), bool)
+    return DecodeState(
+        cache=cache, key_valid=key_valid, next_pos=positions[:, -1] + 1,
+        tokens=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok),
+        logprobs=jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp),
+        done=done, lengths=jnp.ones((b,), jnp.int32), step=jnp.ones((), jnp.int32),
+    )
+
+
+def _decode(params, state: DecodeState, row_ids, base_key, *, config: ModelConfig, prompt_len: int, max_new: int,
+            sp: SamplingParams, eos_ids: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
+    """Run the while-loop decode from ``state`` until every row is done or max_new tokens exist.
+
+    Returns tokens ``[B, M]``, logprobs ``[B, M]``, lengths ``[B]``, done ``[B]``.
+    """
+    decoder = Decoder(config)
+    w_out = output_kernel(params, config)
+    eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
+    s = prompt_len + max_new
+    slots = jnp.arange(s)
+
+    def cond(st: DecodeState):
+        return (st.step < max_new) & ~jnp.all(st.done)
+
+    def body(st: DecodeState) -> DecodeState:
+        i = st.step
+        slot = prompt_len + i - 1  # the previous token's slot
+        prev = jax.lax.dynamic_index_in_dim(st.tokens, i - 1, axis=1, keepdims=True)  # [B, 1]
+        key_valid = st.key_valid.at[:, slot].set(True)
+        attn = ((slots <= slot)[None, None, :] & key_valid[:, None, :])
+        hidden, cache = decoder.apply({"params": params}, prev, st.next_pos[:, None], attn,
+                                      st.cache, slot.astype(jnp.int32))
+        logits = jnp.einsum("bd,dv->bv", hidden[:, 0], w_out.astype(hidden.dtype),
                             preferred_element_type=jnp.float32)
-        tok, lp = sample_tokens(logits, _row_keys(base_key, row_ids, 0), sp)
-        out_tokens = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-        out_lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
-        done = jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros((b,), bool)
-        return {
-            "cache": cache, "key_valid": key_valid, "next_pos": positions[:, -1] + 1,
-            "tokens": out_tokens, "logprobs": out_lp, "done": done,
-            "lengths": jnp.ones((b,), jnp.int32), "step": jnp.ones((), jnp.int32),
-        }
+        tok, lp = sample_tokens(logits, _row_keys(base_key, row_ids, i), sp)
+        active = ~st.done
+        tok = jnp.where(active, tok, 0)
+        lp = jnp.where(active, lp, 0.0)
+        done = st.done | (active & jnp.isin(tok, eos)) if eos is not None else st.done
+        return DecodeState(
+            cache=cache, key_valid=key_valid, next_pos=st.next_pos + 1,
+            tokens=jax.lax.dynamic_update_index_in_dim(st.tokens, tok, i, axis=1),
+            logprobs=jax.lax.dynamic_update_index_in_dim(st.logprobs, lp, i, axis=1),
+            done=done, lengths=st.lengths + active.astype(jnp.int32), step=i + 1,
+        )
 
-
-def _decode(params, state, row_ids, base_key, *, config: ModelConfig, prompt_len: int, max_new: int,
-            sp: SamplingParams, eos_ids: tuple[int, ...], mesh):
-    """Run the while-loop decode from ``state`` until every row is done or max_new tokens exist."""
-    with sharding.activate(mesh):
-        decoder = Decoder(config)
-        w_out = output_kernel(params, config)
-        eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
-        s = prompt_len + max_new
-        slots = jnp.arange(s)
-
-        def cond(st):
-            return (st["step"] < max_new) & ~jnp.all(st["done"])
-
-        def body(st):
-            i = st["step"]
-            slot = prompt_len + i - 1  # the previous token's slot
-            prev = jax.lax.dynamic_index_in_dim(st["tokens"], i - 1, axis=1, keepdims=True)  # [B, 1]
-            key_valid = st["key_valid"].at[:, slot].set(True)
-            attn = ((slots <= slot)[None, None, :] & key_valid[:, None, :])
-            hidden, cache = decoder.apply({"params": params}, prev, st["next_pos"][:, None], attn,
-                                          st["cache"], slot.astype(jnp.int32))
-            logits = jnp.einsum("bd,dv->bv", hidden[:, 0], w_out.astype(hidden.dtype),
-                                preferred_element_type=jnp.float32)
-            tok, lp = sample_tokens(logits, _row_keys(base_key, row_ids, i), sp)
-            active = ~st["done"]
-            tok = jnp.where(active, tok, 0)
-            lp = jnp.where(active, lp, 0.0)
-            done = st["done"] | (active & jnp.isin(tok, eos)) if eos is not None else st["done"]
-            return {
-                "cache": cache, "key_valid": key_valid, "next_pos": st["next_pos"] + 1,
-                "tokens": jax.lax.dynamic_update_index_in_dim(st["tokens"], tok, i, axis=1),
-                "logprobs": jax.lax.dynamic_update_index_in_dim(st["logprobs"], lp, i, axis=1),
-                "done": done, "lengths": st["lengths"] + active.astype(jnp.int32), "step": i + 1,
-            }
-
-        st = jax.lax.while_loop(cond, body, state)
-        return st["tokens"], st["logprobs"], st["lengths"], st["done"]
+    st = jax.lax.while_loop(cond, body, state)
+    return st.tokens, st.logprobs, st.lengths, st.done
 
 
 _COMPILED: dict[Any, tuple[Any, Any]] = {}
 
 
-def _compiled(config: ModelConfig, mesh, prompt_len: int, max_new: int, sp: SamplingParams,
+def _compiled(config: ModelConfig, mesh: Mesh | None, prompt_len: int, max_new: int, sp: SamplingParams,
               eos_ids: tuple[int, ...]):
-    key = (config, id(mesh), prompt_len, max_new, sp, eos_ids)
+    """The jitted (prefill, decode) pair for one shape and sampling setting, bound to ``mesh``."""
+    key = (config, mesh, prompt_len, max_new, sp, eos_ids)
     if key not in _COMPILED:
-        common = dict(config=config, max_new=max_new, sp=sp, eos_ids=eos_ids, mesh=mesh)
-        prefill = jax.jit(functools.partial(_prefill, **common))
-        decode = jax.jit(functools.partial(_decode, prompt_len=prompt_len, **common), donate_argnums=(1,))
+        common = dict(config=config, max_new=max_new, sp=sp, eos_ids=eos_ids)
+        prefill = sharding.bind_mesh(jax.jit(functools.partial(_prefill, **common)), mesh)
+        decode = sharding.bind_mesh(
+            jax.jit(functools.partial(_decode, prompt_len=prompt_len, **common), donate_argnums=(1,)), mesh)
         _COMPILED[key] = (prefill, decode)
     return _COMPILED[key]
 
 
-def _bucket(n: int, minimum: int) -> int:
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): padding sizes to it keeps the compiled shapes few."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
@@ -195,13 +216,39 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int) -> tuple[
     return tokens, mask
 
 
-def _to_host(arrays):
-    """Fetch outputs to every process (a multi-host mesh spreads the batch over processes)."""
-    if all(getattr(a, "is_fully_addressable", True) for a in arrays):
-        return jax.device_get(arrays)
-    from jax.experimental import multihost_utils
+def sequences(prompts: Sequence[Sequence[int]], result: GenerationResult, length: int | None = None
+              ) -> dict[str, np.ndarray]:
+    """Right-padded prompt + response rows ``[N, length]`` (length None = longest row).
 
-    return tuple(np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in arrays)
+    Keys: ``tokens`` int32, ``mask`` int32 (1 = real token), ``response_mask`` int32, ``behaviour_logprobs``
+    float32 (aligned with token positions, 0 outside the response), ``prompt_len`` int32 ``[N]``,
+    ``response_len`` int32 ``[N]``. Raises ValueError if a row does not fit in ``length``.
+    """
+    n, max_new = result.tokens.shape
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts but {n} generated rows")
+    prompt_len = np.array([len(p) for p in prompts], np.int32)
+    response_len = result.lengths.astype(np.int32)
+    total = prompt_len + response_len
+    width = int(total.max(initial=0)) if length is None else int(length)
+    too_long = np.flatnonzero(total > width)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(f"row {i}: {int(total[i])} tokens do not fit in length {width}")
+    cols = np.arange(width)[None, :]
+    mask = cols < total[:, None]
+    response_mask = mask & (cols >= prompt_len[:, None])
+    # Response token j of row i sits at column prompt_len[i] + j; columns outside the response gather a
+    # clipped index and are masked out.
+    src = np.clip(cols - prompt_len[:, None], 0, max_new - 1)
+    tokens = np.zeros((n, width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    tokens = np.where(response_mask, np.take_along_axis(result.tokens, src, axis=1), tokens)
+    behaviour = np.where(response_mask, np.take_along_axis(result.logprobs, src, axis=1), 0.0)
+    return {"tokens": tokens.astype(np.int32), "mask": mask.astype(np.int32),
+            "response_mask": response_mask.astype(np.int32), "behaviour_logprobs": behaviour.astype(np.float32),
+            "prompt_len": prompt_len, "response_len": response_len}
 
 
 def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -210,12 +257,12 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     """Sample up to ``max_new_tokens`` new tokens for each prompt (a list of token-id lists).
 
     Rows are processed ``batch_size`` at a time (one compiled shape per bucket); a row stops after emitting
-    any of ``eos_token_id`` (included in its output). Deterministic given ``seed``.
+    any of ``eos_token_id`` (included in its output). Deterministic given ``seed``. The result holds
+    ``[len(prompts), max_new_tokens]`` arrays right-padded after each row's length; :func:`sequences` joins them
+    to the prompts.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if not prompts:
-        return GenerationResult([], [], [])
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
@@ -231,14 +278,11 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     base_key = jax.random.PRNGKey(seed)
     mesh_rows = 1 if mesh is None else sharding.batch_parallelism(mesh)
 
-    out_tokens: list[list[int]] = []
-    out_lps: list[list[float]] = []
-    out_eos: list[bool] = []
+    chunks: list[tuple[np.ndarray, ...]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        rows = _bucket(len(chunk), 1)
-        rows = -(-rows // mesh_rows) * mesh_rows
-        plen = _bucket(max(len(p) for p in chunk), min_prompt_bucket)
+        rows = sharding.round_up(bucket(len(chunk)), mesh_rows)
+        plen = bucket(max(len(p) for p in chunk), min_prompt_bucket)
         tokens, mask = left_pad(chunk, plen, rows)
         row_ids = np.arange(start, start + rows, dtype=np.int32)
         prefill, decode = _compiled(cfg, mesh, plen, max_new_tokens, sp, eos_ids)
@@ -246,10 +290,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         if mesh is not None:
             args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim, rows)) for a in args]
         state = prefill(model.params, *args, base_key)
-        toks, lps, lengths, done = _to_host(decode(model.params, state, args[2], base_key))
-        for i in range(len(chunk)):
-            n = int(lengths[i])
-            out_tokens.append(toks[i, :n].tolist())
-            out_lps.append(lps[i, :n].tolist())
-            out_eos.append(bool(done[i]))
-    return GenerationResult(out_tokens, out_lps, out_eos)
+        out = sharding.to_host(decode(model.params, state, args[2], base_key))
+        chunks.append(tuple(a[:len(chunk)] for a in out))
+    if not chunks:
+        return GenerationResult(np.zeros((0, max_new_tokens), np.int32), np.zeros((0, max_new_tokens), np.float32),
+                                np.zeros((0,), np.int32), np.zeros((0,), bool))
+    return GenerationResult(*(np.concatenate(parts) for parts in zip(*chunks)))

@@ -12,11 +12,11 @@ models have 2 KV heads; a tensor axis of 4 must not make them unshardable) — t
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
+import functools
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -169,25 +169,56 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> 
 
 
 # --- activation constraints -------------------------------------------------------------------------
-# Models call `constrain(x, axes)`; it is a no-op unless a mesh is active. Jitted entry points activate the
-# mesh *inside* the traced function (closing over it), so the jit cache can never mix meshes.
-_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jopd_active_mesh", default=None)
+# Models call `constrain(x, axes)` on activations. It reads JAX's own mesh context (`jax.set_mesh`), so a
+# constraint is active exactly when the caller runs under that mesh; every jitted entry point of jopd is
+# returned already bound to its mesh (`bind_mesh`), and user code may equally write ``with use_mesh(mesh):``.
+def use_mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """JAX's mesh context for ``mesh`` (``jax.set_mesh``; ``jax.sharding.use_mesh`` on older JAX); no mesh: no-op."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    return jax.sharding.use_mesh(mesh)  # pragma: no cover - jax < 0.7
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh | None) -> Iterator[None]:
-    token = _ACTIVE.set(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+def bind_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """``fn`` (a jitted function) called under ``use_mesh(mesh)``; ``.lower`` is bound the same way (AOT)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with use_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        with use_mesh(mesh):
+            return fn.lower(*args, **kwargs)
+
+    call.lower = lower  # type: ignore[attr-defined]
+    return call
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    mesh = _ACTIVE.get()
-    if mesh is None or mesh.size == 1:
+    """``with_sharding_constraint`` by logical axes on the current mesh context; no mesh or one device: ``x``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def to_host(x: Any) -> Any:
+    """A pytree of (possibly multi-process sharded) arrays as numpy arrays, the whole of each on every process."""
+    leaves = jax.tree.leaves(x)
+    if all(getattr(a, "is_fully_addressable", True) for a in leaves):
+        return jax.tree.map(np.asarray, jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                        if not getattr(a, "is_fully_addressable", True) else np.asarray(jax.device_get(a)), x)
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-int(n) // int(multiple)) * int(multiple)
 
 
 def mesh_summary(mesh: Mesh) -> Mapping[str, int]:

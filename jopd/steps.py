@@ -17,6 +17,11 @@ Example (one Lightning OPD step on a tiny model, no CLI)::
     state = steps.init_state(model.params, opt)
     step = steps.make_opd_step(cfg, opt, steps.OPDLossConfig(), mesh=model.mesh, state=state)
     state, metrics = step(state, batch)   # batch: tokens, response_mask, teacher_logprobs [B, T]
+
+Packed batches (``packed=True``): each row holds several whole sequences back to back, and the batch also
+carries int32 ``segment_ids`` (1, 2, ... per sequence of the row, 0 on padding) and ``positions`` (within each
+sequence) ``[B, T]``. Log-probs, loss and gradient then equal those of the same sequences unpacked; a
+micro-batch is a set of whole rows, so accumulation stays exact.
 """
 
 from __future__ import annotations
@@ -126,33 +131,43 @@ def state_shardings(state: TrainState, mesh) -> Any:
     return jax.tree.map(sh, state)
 
 
+_PACKING_KEYS = ("segment_ids", "positions")
+
+
 # ---- losses on a model ---------------------------------------------------------------------------------
+def _logprobs(params: Any, config: ModelConfig, batch: Batch) -> Array:
+    """Per-token log-probs [B, T] of ``batch["tokens"]`` on the response mask; packed if the batch is."""
+    return logprobs_fn(params, config, batch["tokens"], batch["response_mask"],
+                       segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+
+
 def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig, num_tokens: Array,
                   num_seqs: Array, ref_params: Any = None) -> tuple[Array, dict[str, Array]]:
-    """OPD loss of one (micro-)batch: tokens, response_mask, teacher_logprobs [+ behaviour_logprobs]."""
+    """OPD loss of one (micro-)batch: tokens, response_mask, teacher_logprobs [+ behaviour_logprobs]
+    [+ segment_ids, positions when packed], all [B, T]."""
     mask = batch["response_mask"]
-    student = logprobs_fn(params, config, batch["tokens"], mask)
+    student = _logprobs(params, config, batch)
     ref = None
     if loss_cfg.kl_coef > 0:
         if ref_params is None:
             raise ValueError("kl_coef > 0 needs ref_params (the SFT policy)")
-        ref = jax.lax.stop_gradient(logprobs_fn(ref_params, config, batch["tokens"], mask))
+        ref = jax.lax.stop_gradient(_logprobs(ref_params, config, batch))
     behaviour = batch.get("behaviour_logprobs") if (loss_cfg.tis_cap is not None or
                                                     "behaviour_logprobs" in batch) else None
     return losses.opd_loss(
         student, batch["teacher_logprobs"], mask, behaviour_logprobs=behaviour, ref_logprobs=ref,
         eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, aggregation=loss_cfg.aggregation,
         normalize_advantages=loss_cfg.normalize_advantages, tis_cap=loss_cfg.tis_cap, kl_coef=loss_cfg.kl_coef,
-        num_tokens=num_tokens, num_seqs=num_seqs,
+        num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=batch.get("segment_ids"),
     )
 
 
 def sft_objective(params: Any, config: ModelConfig, batch: Batch, aggregation: str, num_tokens: Array,
                   num_seqs: Array) -> tuple[Array, dict[str, Array]]:
-    """Cross-entropy on response tokens only: tokens, response_mask."""
-    lp = logprobs_fn(params, config, batch["tokens"], batch["response_mask"])
+    """Cross-entropy on response tokens only: tokens, response_mask [+ segment_ids, positions when packed]."""
+    lp = _logprobs(params, config, batch)
     return losses.sft_loss(lp, batch["response_mask"], aggregation=aggregation, num_tokens=num_tokens,
-                           num_seqs=num_seqs)
+                           num_seqs=num_seqs, segment_ids=batch.get("segment_ids"))
 
 
 # ---- the generic step ----------------------------------------------------------------------------------
@@ -161,7 +176,7 @@ Objective = Callable[[Any, Batch, Array, Array], tuple[Array, dict[str, Array]]]
 
 def _accumulated_grads(objective: Objective, params: Any, batch: Batch,
                        micro_batches: int) -> tuple[Array, Any, dict[str, Array]]:
-    num_tokens, num_seqs = losses.loss_denominators(batch["response_mask"])
+    num_tokens, num_seqs = losses.loss_denominators(batch["response_mask"], batch.get("segment_ids"))
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if micro_batches == 1:
         (loss, metrics), grads = grad_fn(params, batch, num_tokens, num_seqs)
@@ -215,9 +230,8 @@ def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array]
 
 def _train_step(state: TrainState, batch: Batch, *, objective: Objective, optimizer, micro_batches: int,
                 mesh) -> tuple[TrainState, dict[str, Array]]:
-    with sharding.activate(mesh):
-        loss, grads, metrics = _accumulated_grads(objective, state.params, batch, micro_batches)
-        return _apply(state, loss, grads, metrics, optimizer)
+    loss, grads, metrics = _accumulated_grads(objective, state.params, batch, micro_batches)
+    return _apply(state, loss, grads, metrics, optimizer)
 
 
 def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...], batch_size: int,
@@ -226,17 +240,17 @@ def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...]
     b_sh = {k: sharding.batch_sharding(mesh, 2, batch_size) for k in batch_keys}
     rep = NamedSharding(mesh, PartitionSpec())
     in_sh = (st_sh, b_sh) + (None,) * extra_args
-    return jax.jit(fn, in_shardings=in_sh, out_shardings=(st_sh, rep), donate_argnums=(0,))
+    return sharding.bind_mesh(jax.jit(fn, in_shardings=in_sh, out_shardings=(st_sh, rep), donate_argnums=(0,)), mesh)
 
 
 def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, mesh, state: TrainState,
                   batch_size: int, micro_batch_size: int | None = None, with_behaviour: bool = False,
-                  with_ref: bool = False) -> Callable:
+                  with_ref: bool = False, packed: bool = False) -> Callable:
     """Jitted OPD step ``(state, batch[, ref_params]) -> (state, metrics)``.
 
-    batch: ``tokens`` int32, ``response_mask`` int32, ``teacher_logprobs`` f32 [+ ``behaviour_logprobs``],
-    all ``[batch_size, T]``, sharded over the mesh's batch axes. ``with_ref`` adds a third argument: the
-    reference (SFT) params for the KL penalty.
+    batch: ``tokens`` int32, ``response_mask`` int32, ``teacher_logprobs`` f32 [+ ``behaviour_logprobs``]
+    [+ ``segment_ids``, ``positions`` int32 when ``packed``], all ``[batch_size, T]`` (rows), sharded over
+    the mesh's batch axes. ``with_ref`` adds a third argument: the reference (SFT) params for the KL penalty.
     """
     micro = batch_size // (micro_batch_size or batch_size)
 
@@ -246,14 +260,17 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
                            mesh=mesh)
 
     keys = ("tokens", "response_mask", "teacher_logprobs") + (("behaviour_logprobs",) if with_behaviour else ())
+    keys += _PACKING_KEYS if packed else ()
     if with_ref:
         return _jit_step(step, state, mesh, keys, batch_size, extra_args=1)
     return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)  # no third (ref) argument
 
 
 def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, batch_size: int,
-                  micro_batch_size: int | None = None, aggregation: str = "token_mean") -> Callable:
-    """Jitted SFT step ``(state, batch) -> (state, metrics)``; batch: tokens, response_mask ``[B, T]``."""
+                  micro_batch_size: int | None = None, aggregation: str = "token_mean",
+                  packed: bool = False) -> Callable:
+    """Jitted SFT step ``(state, batch) -> (state, metrics)``; batch: tokens, response_mask
+    [+ segment_ids, positions when ``packed``] ``[B, T]``."""
     micro = batch_size // (micro_batch_size or batch_size)
 
     def step(state, batch):
@@ -261,19 +278,20 @@ def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, ba
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
                            mesh=mesh)
 
-    return _jit_step(step, state, mesh, ("tokens", "response_mask"), batch_size)
+    return _jit_step(step, state, mesh, ("tokens", "response_mask") + (_PACKING_KEYS if packed else ()),
+                     batch_size)
 
 
 def make_eval_loss(config: ModelConfig, *, mesh, aggregation: str = "token_mean") -> Callable:
-    """Jitted held-out SFT loss ``(params, batch) -> metrics`` (no gradient)."""
+    """Jitted held-out SFT loss ``(params, batch) -> metrics`` (no gradient); a batch with ``segment_ids``
+    and ``positions`` is packed (no flag needed: the batch shardings are not fixed here)."""
 
     def fn(params, batch):
-        with sharding.activate(mesh):
-            nt, ns = losses.loss_denominators(batch["response_mask"])
-            loss, metrics = sft_objective(params, config, batch, aggregation, nt, ns)
-            return {**metrics, "loss": loss}
+        nt, ns = losses.loss_denominators(batch["response_mask"], batch.get("segment_ids"))
+        loss, metrics = sft_objective(params, config, batch, aggregation, nt, ns)
+        return {**metrics, "loss": loss}
 
-    return jax.jit(fn)
+    return sharding.bind_mesh(jax.jit(fn), mesh)
 
 
 def shard_batch(batch: dict[str, Any], mesh) -> Batch:

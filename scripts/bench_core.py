@@ -68,16 +68,14 @@ def bench_logprobs(cfg, params, mesh, batch: int, seq: int, repeats: int) -> lis
     tokens, mask = jax.device_put(tokens, sh), jax.device_put(mask, sh)
 
     def fwd(p, t, m):
-        with sharding.activate(mesh):
-            return logprobs_fn(p, cfg, t, m)
+        return logprobs_fn(p, cfg, t, m)
 
     def fwd_bwd(p, t, m):
-        with sharding.activate(mesh):
-            return jax.value_and_grad(lambda q: jnp.sum(logprobs_fn(q, cfg, t, m)))(p)
+        return jax.value_and_grad(lambda q: jnp.sum(logprobs_fn(q, cfg, t, m)))(p)
 
     rows = []
     for name, f in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        jf = jax.jit(f)
+        jf = sharding.bind_mesh(jax.jit(f), mesh)
         first, med, times = _time(lambda jf=jf: jf(params, tokens, mask), repeats)
         rows.append(dict(section="token_logprobs", mode=name, batch=batch, seq=seq, first_call_s=first,
                          median_s=med, times_s=times, tokens_per_s=batch * seq / med))

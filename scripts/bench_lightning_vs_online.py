@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Sample R tokens per prompt with the student; returns full ``[rows, P + R]`` token ids."""
         res = sampling.generate(models.Model(s_cfg, params, mesh), rows.tolist(), max_new_tokens=r,
                                 temperature=1.0, batch_size=batch, seed=seed)
-        return np.concatenate([rows, np.asarray(res.tokens, np.int32)], axis=1)
+        return np.concatenate([rows, res.tokens], axis=1)  # no EOS: every row has exactly R new tokens
 
     def teacher_score(tokens: np.ndarray, batch: int) -> np.ndarray:
         out = []

@@ -125,3 +125,78 @@ def test_sft_difficulty_applies_to_the_sft_prompts_only():
         assert max(p.meta["num_ops"] for p in problems[split]) == 2
     with pytest.raises(ConfigValidationError, match=r"task\.sft_difficulty: values must be 1\.\.3, got 4"):
         load_config(data={**base, "task": {**task, "sft_difficulty": [4]}})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation, section by section
+# ---------------------------------------------------------------------------------------------------------
+_ARCH = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+         "num_kv_heads": 1, "head_dim": 16}
+_BASE = {"teachers": {"A": {"init": _ARCH, "style": "A"}}, "student": {"init": _ARCH}, "sft_teacher": "A",
+         "precompute": {"teachers": ["A"]}, "arms": [{"name": "l", "mode": "lightning", "teacher": "A"}]}
+
+
+def _problems(**sections) -> list[str]:
+    from jopd.config import ConfigValidationError
+
+    try:
+        load_config(data={**_BASE, **sections}, check_files=False)
+    except ConfigValidationError as err:
+        return err.problems
+    return []
+
+
+def test_valid_packed_loops_load() -> None:
+    assert _problems(opd={"token_budget": 4096, "row_len": 512, "micro_batch_size": 4},
+                     sft={"token_budget": 2048}, teachers={"A": {"init": _ARCH, "pretrain": {"token_budget": 64}}}) == []
+
+
+@pytest.mark.parametrize("loop,problem", [
+    ({"token_budget": 0}, "opd.token_budget: must be > 0, got 0"),
+    ({"token_budget": 1024, "row_len": -1}, "opd.row_len: must be > 0, got -1"),
+    ({"row_len": 256}, "opd.row_len: needs opd.token_budget"),
+    ({"token_budget": 1000, "row_len": 256}, "opd.token_budget: must be a multiple of row_len 256, got 1000"),
+    ({"token_budget": 1024, "row_len": 256, "micro_batch_size": 3},
+     "opd.micro_batch_size: with token_budget it counts packed rows and must divide token_budget // row_len = 4"),
+    ({"token_budget": 1024, "micro_batch_size": 0}, "opd.micro_batch_size: must be > 0, got 0"),
+    ({"batch_size": 16, "micro_batch_size": 3}, "opd.micro_batch_size: must divide batch_size 16, got 3"),
+])
+def test_packed_batch_settings_are_checked(loop: dict, problem: str) -> None:
+    assert any(p.startswith(problem) for p in _problems(opd=loop)), _problems(opd=loop)
+
+
+def test_packed_rows_need_not_divide_batch_size() -> None:
+    # With token_budget, micro_batch_size counts rows; batch_size is not what it must divide.
+    assert _problems(opd={"batch_size": 16, "token_budget": 1536, "row_len": 512, "micro_batch_size": 3}) == []
+
+
+def test_every_section_reports_its_problems_with_dotted_paths_all_at_once() -> None:
+    problems = _problems(
+        mesh={"fsdp": -1, "tensor": -1, "data": 0},
+        teacher_data={"top_p": 0.0}, rollout={"temperature": -1.0, "samples_per_prompt": 0},
+        eval={"top_p": 1.5, "max_new_tokens": 0, "samples_per_prompt": 2, "temperature": 0.0},
+        sft={"steps": 0, "optim": {"lr": 0.0}}, opd={"eps_low": -0.1, "tis_cap": 0.0, "optim": {"b2": 1.0}},
+        teachers={"A": {"init": _ARCH, "pretrain": {"batch_size": 0}, "pretrain_optim": {"lr": -1.0}}},
+        task={"difficulty": [4]})
+    expected = [
+        "mesh.data: must be positive or -1", "mesh: at most one axis may be -1",
+        "teacher_data.top_p: must be in (0, 1], got 0.0", "rollout.temperature: must be >= 0, got -1.0",
+        "rollout.samples_per_prompt: must be > 0, got 0", "eval.top_p: must be in (0, 1], got 1.5",
+        "eval.max_new_tokens: must be > 0, got 0", "eval.samples_per_prompt: 2 responses per prompt need",
+        "sft.steps: must be > 0, got 0", "sft.optim.lr: must be > 0, got 0.0", "opd.eps_low: must be >= 0",
+        "opd.tis_cap: must be > 0", "opd.optim.b2: must be in [0, 1), got 1.0",
+        "teachers.A.pretrain.batch_size: must be > 0, got 0", "teachers.A.pretrain_optim.lr: must be > 0",
+        "task.difficulty: values must be 1..3, got 4",
+    ]
+    for text in expected:
+        assert any(p.startswith(text) for p in problems), (text, problems)
+    assert len(problems) == len(expected)
+
+
+def test_cross_section_problems_are_still_reported() -> None:
+    problems = _problems(sft_teacher="Z", arms=[{"name": "l", "mode": "lightning", "teacher": "B"}],
+                         eval={"kl_teacher": "C"}, export={"arm": "nope"})
+    for text in ("sft_teacher: 'Z' is not one of the teachers", "arms[0].teacher: unknown teacher 'B'",
+                 "arms[0] (l): lightning arm's teacher 'B' is not in precompute.teachers",
+                 "eval.kl_teacher: unknown teacher 'C'", "export.arm: unknown arm 'nope'"):
+        assert any(p.startswith(text) for p in problems), (text, problems)

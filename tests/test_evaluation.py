@@ -18,13 +18,25 @@ import pytest
 
 from jopd import evaluation
 from jopd.config import ArchSection, PrecisionSection, load_config
-from jopd.data import tasks
+from jopd.data import arithmetic
 from jopd.data import tokenizer as toklib
 from jopd.models import from_params, init_params, save_pretrained, token_logprobs
 from jopd.sampling import GenerationResult
 from jopd.sharding import single_device_mesh
 from jopd.stages.base import RunContext, StageError, atomic_write_json, run_stage
 from jopd.stages.prepare import arch_to_config
+
+
+def _generation(responses: list[list[int]], ended: list[bool],
+                logprobs: list[list[float]] | None = None) -> GenerationResult:
+    """The GenerationResult of known responses (log-probs 0 unless given)."""
+    tokens = np.zeros((len(responses), max(map(len, responses))), np.int32)
+    lps = np.zeros(tokens.shape, np.float32)
+    for i, r in enumerate(responses):
+        tokens[i, :len(r)] = r
+        lps[i, :len(r)] = logprobs[i] if logprobs is not None else 0.0
+    return GenerationResult(tokens, lps, np.array([len(r) for r in responses], np.int32), np.array(ended, bool))
+
 
 TINY_ARCH = ArchSection(model_type="qwen3", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                         num_kv_heads=1, head_dim=16, max_position_embeddings=128)
@@ -64,7 +76,7 @@ def other(tok, mesh):
 @pytest.fixture(scope="module")
 def prompts(tok) -> list[dict]:
     return [{"prompt": p.prompt, "label": p.answer, "prompt_ids": toklib.encode_chat_prompt(tok, p.prompt)}
-            for p in tasks.make_problems("eval", 6, 0, 1)]
+            for p in arithmetic.make_problems("eval", 6, 0, 1)]
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -95,15 +107,15 @@ def test_teacher_scoring_is_aligned_with_response_positions(other, prompts):
         seq = np.asarray([p + y], np.int32)
         lp = np.asarray(token_logprobs(other, seq, np.ones_like(seq)))[0]
         lps.append(lp[len(p):].tolist())
-    sums, lengths = evaluation.reverse_kl_estimate(other, ps, responses, lps, batch_size=4)
+    sums, lengths = evaluation.reverse_kl_estimate(other, ps, _generation(responses, [True] * 6, lps), batch_size=4)
     assert lengths.tolist() == [1, 5, 9, 3, 7, 2]
     np.testing.assert_allclose(sums, 0.0, atol=1e-4)
     shifted = [[v + 0.5 for v in lp] for lp in lps]  # student log-probs 0.5 higher at every token
-    sums2, _ = evaluation.reverse_kl_estimate(other, ps, responses, shifted, batch_size=4)
+    sums2, _ = evaluation.reverse_kl_estimate(other, ps, _generation(responses, [True] * 6, shifted), batch_size=4)
     np.testing.assert_allclose(sums2, 0.5 * lengths, atol=1e-4)
 
 
-def test_accuracy_counts_correct_responses(student, tok, monkeypatch):
+def test_accuracy_counts_correct_responses(student, tok):
     eos = toklib.end_of_turn_id(tok)
     rows = [{"prompt": "Compute 3+4.", "label": "7"}, {"prompt": "Compute 2+2.", "label": "4"},
             {"prompt": "What is 9-1?", "label": "8"}, {"prompt": "Compute 5+5.", "label": "10"}]
@@ -117,10 +129,9 @@ def test_accuracy_counts_correct_responses(student, tok, monkeypatch):
     def fake_generate(model, prompt_ids, **kw):
         calls.append(kw)
         assert [list(p) for p in prompt_ids] == [r["prompt_ids"] for r in rows]
-        return GenerationResult(responses, [[0.0] * len(t) for t in responses], ended)
+        return _generation(responses, ended)
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
-    res = evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16)
+    res = evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16, generate_fn=fake_generate)
     assert res["accuracy"] == 0.5 and res["num_correct"] == 2
     assert res["eos_rate"] == 0.75
     assert res["mean_response_len"] == pytest.approx(np.mean([len(t) for t in responses]))
@@ -131,7 +142,7 @@ def test_accuracy_counts_correct_responses(student, tok, monkeypatch):
     assert calls[0]["temperature"] == 0.0 and eos in calls[0]["eos_token_id"]
 
 
-def test_avg_at_k_accuracy_and_its_standard_error(student, tok, monkeypatch):
+def test_avg_at_k_accuracy_and_its_standard_error(student, tok):
     rows = [{"prompt": "Compute 3+4.", "label": "7"}, {"prompt": "Compute 2+2.", "label": "4"},
             {"prompt": "What is 9-1?", "label": "8"}]
     for r in rows:
@@ -144,11 +155,10 @@ def test_avg_at_k_accuracy_and_its_standard_error(student, tok, monkeypatch):
 
     def fake_generate(model, prompt_ids, **kw):
         seen.update(kw, prompt_ids=[list(p) for p in prompt_ids])
-        return GenerationResult(responses, [[0.0] * len(t) for t in responses], [True] * len(responses))
+        return _generation(responses, [True] * len(responses))
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
     res = evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16, temperature=1.0, samples_per_prompt=4,
-                                     top_p=0.9)
+                                     top_p=0.9, generate_fn=fake_generate)
     assert seen["prompt_ids"] == [r["prompt_ids"] for r in rows for _ in range(4)]
     assert seen["temperature"] == 1.0 and seen["top_p"] == 0.9
     assert res["per_prompt_accuracy"] == [0.75, 0.0, 1.0]

@@ -4,7 +4,8 @@
 * sampled tokens follow softmax(logits / T) (chi-square), with top-k / top-p truncation and temperature;
 * the returned behaviour log-probs are those of the (truncated, tempered) sampling distribution;
 * ``truncated_logits`` against a numpy reference;
-* EOS handling, seeding, independence from batch chunking and from the mesh, batched vs alone prompts.
+* EOS handling, seeding, independence from batch chunking and from the mesh, batched vs alone prompts;
+* ``sequences``: prompt + response rows aligned with the behaviour log-probs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from conftest import eight_devices, one_device
 
 from jopd.models import ModelConfig, from_params, hidden_states, init_params, output_kernel
-from jopd.sampling import SamplingParams, generate, truncated_logits
+from jopd.sampling import GenerationResult, SamplingParams, generate, sequences, truncated_logits
 from jopd.sharding import MeshConfig, make_mesh
 
 VOCAB = 16
@@ -140,9 +141,8 @@ def test_sampled_distribution(model, params, temperature, top_k, top_p):
 
     out = generate(model, [PROMPT] * N_DRAWS, max_new_tokens=1, temperature=temperature, top_k=top_k,
                    top_p=top_p, seed=11, batch_size=N_DRAWS)
-    toks = np.asarray([t[0] for t in out.tokens])
-    lps = np.asarray([lp[0] for lp in out.logprobs])
-    assert all(len(t) == 1 for t in out.tokens) and not any(out.ended_with_eos)
+    toks, lps = out.tokens[:, 0], out.logprobs[:, 0]
+    assert out.tokens.shape == (N_DRAWS, 1) and (out.lengths == 1).all() and not out.ended_with_eos.any()
 
     assert support[toks].all(), f"sampled outside the support: {sorted(set(toks[~support[toks]]))}"
     counts = np.bincount(toks, minlength=VOCAB)
@@ -192,7 +192,8 @@ def test_invalid_arguments(model):
         generate(model, [PROMPT], max_new_tokens=0)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [PROMPT, []], max_new_tokens=2)
-    assert generate(model, [], max_new_tokens=2).tokens == []
+    empty = generate(model, [], max_new_tokens=2)
+    assert empty.tokens.shape == empty.logprobs.shape == (0, 2) and empty.lengths.shape == (0,)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,8 +209,11 @@ MAX_NEW = 8
 
 
 def _check_eos(out, eos, max_new):
-    for toks, lps, ended in zip(out.tokens, out.logprobs, out.ended_with_eos):
-        assert len(lps) == len(toks) and 1 <= len(toks) <= max_new
+    assert out.tokens.shape == out.logprobs.shape == (len(out.lengths), max_new)
+    for i, (n, ended) in enumerate(zip(out.lengths, out.ended_with_eos)):
+        toks = out.response(i)
+        assert len(toks) == n and 1 <= n <= max_new
+        assert not out.tokens[i, n:].any() and not out.logprobs[i, n:].any()  # zero padding after the response
         assert not any(t in eos for t in toks[:-1])  # nothing after an eos
         if ended:
             assert toks[-1] in eos
@@ -223,35 +227,38 @@ def test_eos_seed_chunking_and_mesh(model, params):
     out = generate(model, prompts, batch_size=32, **kw)
     _check_eos(out, EOS, MAX_NEW)
     assert any(out.ended_with_eos) and not all(out.ended_with_eos)
-    assert len({len(t) for t in out.tokens}) > 2
+    assert len(set(out.lengths.tolist())) > 2
+
+    def same_rows(a, b):
+        return (np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths)
+                and np.array_equal(a.ended_with_eos, b.ended_with_eos))
 
     again = generate(model, prompts, batch_size=32, **kw)
-    assert again.tokens == out.tokens and again.logprobs == out.logprobs and again.ended_with_eos == out.ended_with_eos
+    assert same_rows(again, out) and np.array_equal(again.logprobs, out.logprobs)
     other = generate(model, prompts, batch_size=32, **{**kw, "seed": 4})
-    assert other.tokens != out.tokens
+    assert not np.array_equal(other.tokens, out.tokens)
 
     # per-row keys: the same results whatever the batch chunking ...
     chunked = generate(model, prompts, batch_size=8, **kw)
-    assert chunked.tokens == out.tokens and chunked.ended_with_eos == out.ended_with_eos
-    for a, b in zip(chunked.logprobs, out.logprobs):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert same_rows(chunked, out)
+    np.testing.assert_allclose(chunked.logprobs, out.logprobs, rtol=0, atol=1e-5)
     # ... and on an 8-device mesh (batch sharded over fsdp=4, weights over fsdp x tensor)
     sharded = from_params(_config(), params, mesh=make_mesh(MeshConfig(fsdp=4, tensor=2), devices=eight_devices()))
     on_mesh = generate(sharded, prompts, batch_size=32, **kw)
-    assert on_mesh.tokens == out.tokens and on_mesh.ended_with_eos == out.ended_with_eos
-    for a, b in zip(on_mesh.logprobs, out.logprobs):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert same_rows(on_mesh, out)
+    np.testing.assert_allclose(on_mesh.logprobs, out.logprobs, rtol=0, atol=1e-5)
 
 
 def test_greedy_eos_at_first_token(model):
     """A row whose very first token (sampled in prefill) is eos stops there; the others run to the limit."""
     prompts = _prompts(6, seed=5)
     free = generate(model, prompts, max_new_tokens=4)
-    eos = free.tokens[0][0]
+    eos = int(free.tokens[0, 0])
     out = generate(model, prompts, max_new_tokens=4, eos_token_id=eos)
     _check_eos(out, [eos], 4)
-    assert out.tokens[0] == [eos] and out.ended_with_eos[0]
-    for f, o, ended in zip(free.tokens, out.tokens, out.ended_with_eos):
+    assert out.response(0) == [eos] and out.ended_with_eos[0]
+    for i, ended in enumerate(out.ended_with_eos):
+        f, o = free.response(i), out.response(i)
         n = f.index(eos) + 1 if eos in f else len(f)
         assert o == f[:n] and ended == (eos in f)
     assert not all(out.ended_with_eos)
@@ -262,18 +269,62 @@ def test_batched_prompts_equal_alone(model):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, VOCAB, size=n).tolist() for n in (1, 5, 16, 17, 30)]
     batched = generate(model, prompts, max_new_tokens=12)
-    for p, toks, lps in zip(prompts, batched.tokens, batched.logprobs):
+    for i, p in enumerate(prompts):
         alone = generate(model, [p], max_new_tokens=12)
-        assert alone.tokens[0] == toks, f"prompt of length {len(p)}"
-        np.testing.assert_allclose(alone.logprobs[0], lps, rtol=0, atol=1e-5)
+        assert alone.response(0) == batched.response(i), f"prompt of length {len(p)}"
+        np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[i], rtol=0, atol=1e-5)
 
 
 def test_generate_matches_full_forward(model, params):
     """Greedy decode with the KV cache == argmax of a full (cache-free) forward at every step."""
     prompt = [5, 3, 8, 1, 1, 12]
     out = generate(model, [prompt], max_new_tokens=10)
-    toks = out.tokens[0]
+    toks = out.response(0)
+    assert len(toks) == 10
     logits = all_logits(params, prompt + toks)[len(prompt) - 1:-1]  # the distribution each token came from
     np.testing.assert_array_equal(toks, np.argmax(logits, axis=-1))
     np.testing.assert_allclose(out.logprobs[0], np_log_softmax(logits)[np.arange(len(toks)), toks],
                                rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sequences
+# ----------------------------------------------------------------------------------------------------------
+def test_sequences_aligns_responses_and_log_probs():
+    prompts = [[7, 8, 9], [5], [1, 2]]
+    result = GenerationResult(
+        tokens=np.array([[4, 2, 0], [6, 6, 6], [2, 0, 0]], np.int32),
+        logprobs=np.array([[-0.5, -0.25, 0.0], [-1.0, -2.0, -3.0], [-0.125, 0.0, 0.0]], np.float32),
+        lengths=np.array([2, 3, 1], np.int32), ended_with_eos=np.array([True, False, True]))
+    assert result.response(0) == [4, 2] and result.response(2) == [2]
+    seq = sequences(prompts, result)
+    np.testing.assert_array_equal(seq["tokens"], [[7, 8, 9, 4, 2], [5, 6, 6, 6, 0], [1, 2, 2, 0, 0]])
+    np.testing.assert_array_equal(seq["mask"], [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(seq["response_mask"], [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(seq["behaviour_logprobs"], [[0, 0, 0, -0.5, -0.25], [0, -1, -2, -3, 0],
+                                                              [0, 0, -0.125, 0, 0]])
+    np.testing.assert_array_equal(seq["prompt_len"], [3, 1, 2])
+    np.testing.assert_array_equal(seq["response_len"], [2, 3, 1])
+    assert {k: v.dtype for k, v in seq.items()} == {
+        "tokens": np.int32, "mask": np.int32, "response_mask": np.int32, "behaviour_logprobs": np.float32,
+        "prompt_len": np.int32, "response_len": np.int32}
+
+    wide = sequences(prompts, result, length=8)
+    assert wide["tokens"].shape == (3, 8)
+    for k in ("tokens", "mask", "response_mask", "behaviour_logprobs"):
+        np.testing.assert_array_equal(wide[k][:, :5], seq[k])
+        assert not wide[k][:, 5:].any()
+    with pytest.raises(ValueError, match="row 0: 5 tokens do not fit in length 4"):
+        sequences(prompts, result, length=4)
+    with pytest.raises(ValueError, match="2 prompts but 3"):
+        sequences(prompts[:2], result)
+
+
+def test_sequences_of_generated_rows(model):
+    prompts = _prompts(5, seed=2)
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=1.0, eos_token_id=EOS, seed=1)
+    seq = sequences(prompts, out)
+    for i, p in enumerate(prompts):
+        n = len(p) + out.lengths[i]
+        assert seq["tokens"][i, :n].tolist() == p + out.response(i) and not seq["mask"][i, n:].any()
+        np.testing.assert_array_equal(seq["behaviour_logprobs"][i, len(p):n], out.logprobs[i, :out.lengths[i]])

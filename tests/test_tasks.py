@@ -1,4 +1,5 @@
-"""Tests for jopd.data.tasks: generation, splits, solution styles, answer checking, prompt-file loading."""
+"""Tests for jopd.data.arithmetic, .grading and .prompt_files: generation, splits, solution styles, answer
+checking, prompt-file loading."""
 
 from __future__ import annotations
 
@@ -10,20 +11,18 @@ from typing import Any
 
 import pytest
 
-from jopd.data.tasks import (
+from jopd.data.arithmetic import (
     DIFFICULTY_LEVELS,
     EVAL_FRACTION,
     Difficulty,
     Problem,
-    PromptFileError,
-    check_answer,
-    extract_answer,
     is_heldout,
-    load_prompt_file,
     make_problems,
     solution_style,
     solve,
 )
+from jopd.data.grading import check_answer, extract_answer
+from jopd.data.prompt_files import PromptFileError, load_prompt_file
 
 # ---------------------------------------------------------------------------------------------------------
 # Generation and splits

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from jopd.data.tasks import make_problems, solve
+from jopd.data.arithmetic import make_problems, solve
 from jopd.data.tokenizer import (
     ASSISTANT_TOKEN,
     SPECIAL_TOKENS,
@@ -22,9 +22,11 @@ from jopd.data.tokenizer import (
     encode_chat_prompt,
     encode_response,
     end_of_turn_id,
+    stop_ids,
     template_uses_enable_thinking,
     tokenizer_fingerprint,
 )
+from jopd.models.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +154,21 @@ def test_qwen3_style_template_gets_enable_thinking(tmp_path: Path) -> None:
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_id(tok) == im_end != tok.eos_token_id
     assert encode_response(tok, "ok")[-1] == im_end
+
+
+def _model_config(eos_token_id: tuple[int, ...]) -> ModelConfig:
+    return ModelConfig(model_type="qwen3", vocab_size=128, hidden_size=8, intermediate_size=16, num_layers=1,
+                       num_heads=1, num_kv_heads=1, head_dim=8, eos_token_id=eos_token_id)
+
+
+def test_stop_ids_join_the_end_of_turn_and_the_model_eos_ids(tmp_path: Path, char_tok: Any) -> None:
+    # Qwen3-Base-like: the model's eos (<|endoftext|>) is not what closes a chat turn (<|im_end|>).
+    tok = _chatml_tokenizer(tmp_path, QWEN3_LIKE_TEMPLATE, eos="<|endoftext|>")
+    im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert stop_ids(tok, _model_config((eot,))) == tuple(sorted((im_end, eot)))
+    assert stop_ids(tok, _model_config((eot, 7, im_end))) == tuple(sorted({im_end, eot, 7}))
+    assert stop_ids(tok, _model_config(())) == (im_end,)
+    assert stop_ids(char_tok, _model_config((char_tok.eos_token_id,))) == (char_tok.eos_token_id,)
 
 
 def test_smollm2_style_template_gets_no_enable_thinking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

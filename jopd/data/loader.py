@@ -17,6 +17,21 @@ down (the dropped rows differ per epoch); with drop_remainder=False, E = N round
 zeros (response_mask 0, row_index -1), so shapes stay static and the loss ignores them.
 
 The iterator's `get_state()` is a small JSON-serialisable dict; `set_state()` resumes exactly.
+
+Packed batches (`make_packed_dataset`): a batch is a token budget, ``rows`` rows of ``row_len`` tokens, each row
+holding several whole sequences back to back (``segment_ids`` 1, 2, ... per sequence, 0 on padding; ``positions``
+within each sequence), so long and short responses waste no padding::
+
+    PackingPlan(lengths, rows, row_len, seed)   epoch e: rows shuffled by (seed, e), then greedily placed in
+                                                first-fit order into the open batch's rows; a row that fits
+                                                none stays for the next batch (lookahead `window`)
+    MapDataset.range(num_steps)                 global batch index s
+      .map(read this process's rows of batch s) [rows / process_count, row_len] per field
+      .to_iter_dataset(read_options)            threaded, order-preserving prefetch
+
+The plan is a pure function of the row lengths and the seed, computed identically on every process, so a
+global batch holds the same sequences whatever the process count, and the iterator state (the batch index)
+resumes exactly. Every epoch trains on every row once; its last batch may be partly empty.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import jax
 import numpy as np
 
 from jopd.data.store import ARRAYS, RolloutStore, StoreError
+from jopd.sharding import round_up
 
 DEFAULT_FIELDS = ("tokens", "response_mask", "teacher_logprobs", "behaviour_logprobs")
 TOPK_FIELDS = ("teacher_topk_ids", "teacher_topk_logprobs")
@@ -40,7 +56,7 @@ SEQ_LEN_BUCKET = 64
 
 def round_seq_len(longest: int, max_len: int, bucket: int = SEQ_LEN_BUCKET) -> int:
     """The static sequence length for rows of at most `longest` tokens: rounded up to `bucket`, capped at L."""
-    return min(max_len, -(-longest // bucket) * bucket)
+    return min(max_len, round_up(longest, bucket))
 
 
 def epoch_steps(num_rows: int, global_batch_size: int, drop_remainder: bool = True) -> int:
@@ -106,6 +122,11 @@ class RolloutSource:
     def fields(self) -> tuple[str, ...]:
         return self._fields
 
+    @property
+    def topk(self) -> int:
+        """k of the store's top-k arrays (0: none)."""
+        return self._topk
+
     def _get_store(self) -> RolloutStore:
         # TensorStore handles are not fork-safe: reopen in a new process (Grain workers, pickled copies).
         with self._lock:
@@ -133,12 +154,17 @@ class RolloutSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self._getitems([index])[0]
 
-    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        """Batched read (one async TensorStore read per field) of rows `indices`, split into per-row dicts."""
+    def read(self, indices: Sequence[int], seq_len: int | None = None) -> dict[str, np.ndarray]:
+        """Rows `indices` as arrays ``[n, seq_len]`` (default: the source's static length), one async TensorStore
+        read per field."""
         stored = [f for f in self._fields if f != ROW_INDEX]
-        rows = self._get_store().read_rows(indices, stored, seq_len=self._seq_len)
+        rows = self._get_store().read_rows(indices, stored, seq_len=seq_len or self._seq_len)
         if ROW_INDEX in self._fields:
             rows[ROW_INDEX] = np.asarray(indices, dtype=np.int32)
+        return rows
+
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        rows = self.read(indices)
         return [{f: rows[f][j] for f in self._fields} for j in range(len(indices))]
 
     def padding_row(self) -> dict[str, np.ndarray]:
@@ -229,3 +255,162 @@ def make_loader(store_path: str | os.PathLike[str], *, global_batch_size: int, s
                              num_epochs=num_epochs, process_index=process_index, process_count=process_count,
                              drop_remainder=drop_remainder, fields=fields, seq_len=seq_len,
                              read_options=read_options, cache_bytes=cache_bytes))
+
+
+# --------------------------------------------------------------------------------------------- packing
+PACK_WINDOW = 512  # rows looked ahead to fill a batch's rows; larger packs tighter but strays further from the shuffle
+PACKED_FIELDS = ("segment_ids", "positions")
+
+
+def pack_epoch(lengths: np.ndarray, order: np.ndarray, *, rows: int, row_len: int,
+               window: int = PACK_WINDOW) -> list[list[list[int]]]:
+    """Batches of ``rows`` rows (lists of sequence indices, lengths summing to <= ``row_len``) covering ``order``.
+
+    Sequences are taken in ``order``: each goes to the first row of the open batch with room; a sequence that fits
+    no row is kept (in order) for the next batch, and the batch closes once none of the next ``window`` pending
+    sequences fits. Deterministic; O(len(order) * rows) in numpy.
+    """
+    if len(order) and int(lengths[order].max()) > row_len:
+        raise ValueError(f"a sequence of {int(lengths[order].max())} tokens does not fit in row_len={row_len}")
+    pending = [int(i) for i in order]
+    batches: list[list[list[int]]] = []
+    while pending:
+        free = np.full(rows, row_len, np.int64)
+        bins: list[list[int]] = [[] for _ in range(rows)]
+        kept: list[int] = []
+        misses = 0
+        for pos, idx in enumerate(pending):
+            fits = np.flatnonzero(free >= lengths[idx])
+            if fits.size:
+                free[fits[0]] -= lengths[idx]
+                bins[fits[0]].append(idx)
+                misses = 0
+                continue
+            kept.append(idx)
+            misses += 1
+            if misses >= window:
+                kept.extend(pending[pos + 1:])
+                break
+        batches.append(bins)
+        pending = kept
+    return batches
+
+
+class PackingPlan:
+    """Which store rows (sequences) make up each packed global batch; batch ``s`` is a function of (seed, s).
+
+    Epochs are planned lazily (and cached), so any step can be looked up. Thread-safe.
+    """
+
+    def __init__(self, lengths: np.ndarray, *, rows: int, row_len: int, seed: int, shuffle: bool = True,
+                 window: int = PACK_WINDOW):
+        self.lengths = np.asarray(lengths, np.int64)
+        self.rows, self.row_len, self.seed, self.shuffle, self.window = rows, row_len, seed, shuffle, window
+        self._epochs: list[list[list[list[int]]]] = []
+        self._starts: list[int] = []  # first global batch index of each planned epoch
+        self._lock = threading.Lock()
+
+    def _plan_epoch(self, epoch: int) -> list[list[list[int]]]:
+        n = len(self.lengths)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return pack_epoch(self.lengths, order, rows=self.rows, row_len=self.row_len, window=self.window)
+
+    def batch(self, step: int) -> list[list[int]]:
+        """Rows of global batch ``step`` (0-based): ``rows`` lists of store row indices."""
+        with self._lock:
+            while not self._starts or step >= self._starts[-1] + len(self._epochs[-1]):
+                start = self._starts[-1] + len(self._epochs[-1]) if self._starts else 0
+                self._epochs.append(self._plan_epoch(len(self._epochs)))
+                self._starts.append(start)
+            e = int(np.searchsorted(self._starts, step, side="right")) - 1
+            return self._epochs[e][step - self._starts[e]]
+
+    def epoch_of(self, step: int) -> int:
+        self.batch(step)
+        return int(np.searchsorted(self._starts, step, side="right")) - 1
+
+    def describe(self, step: int) -> str:
+        """The store rows of global batch ``step`` (0-based), for error messages."""
+        return f"store rows {sorted(i for row in self.batch(step) for i in row)}"
+
+
+class _ReadPackedBatch:
+    """Grain map: global batch index -> this process's packed rows ``{field: [rows_local, row_len]}``."""
+
+    def __init__(self, source: RolloutSource, plan: PackingPlan, process_index: int, process_count: int):
+        self.source, self.plan = source, plan
+        local = plan.rows // process_count
+        self.row_range = (process_index * local, (process_index + 1) * local)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        lo, hi = self.row_range
+        rows = self.plan.batch(int(step))[lo:hi]
+        indices = [i for row in rows for i in row]
+        length = self.plan.row_len
+        fields = [f for f in self.source.fields]
+        out = {}
+        for f in fields:
+            dtype, _, kind = ARRAYS[f] if f in ARRAYS else (np.dtype(np.int32), "rollout", "token")
+            tail = (self.source.topk,) if kind == "topk" else ()
+            out[f] = np.zeros((hi - lo, length) + tail, dtype)
+        out["segment_ids"] = np.zeros((hi - lo, length), np.int32)
+        out["positions"] = np.zeros((hi - lo, length), np.int32)
+        if not indices:
+            return out
+        lens = self.plan.lengths[indices]
+        data = self.source.read(indices, seq_len=int(lens.max()))
+        k = 0
+        for r, row in enumerate(rows):
+            t = 0
+            for seg, _ in enumerate(row, start=1):
+                n = int(lens[k])
+                for f in fields:
+                    out[f][r, t:t + n] = data[f][k, :n]
+                out["segment_ids"][r, t:t + n] = seg
+                out["positions"][r, t:t + n] = np.arange(n)
+                t += n
+                k += 1
+        return out
+
+
+def sequence_lengths(store_path: str | os.PathLike[str]) -> np.ndarray:
+    """prompt_len + response_len of every row of a store, int64 [N]."""
+    store = RolloutStore.open(store_path, "r")
+    lens = store.read_rows(range(store.num_rows), ["prompt_len", "response_len"])
+    return (lens["prompt_len"] + lens["response_len"]).astype(np.int64)
+
+
+def make_packed_dataset(store_path: str | os.PathLike[str], *, token_budget: int, num_steps: int, seed: int,
+                        row_len: int | None = None, shuffle: bool = True, process_index: int | None = None,
+                        process_count: int | None = None, fields: Sequence[str] | None = None,
+                        read_options: grain.ReadOptions | None = None, cache_bytes: int = 64 << 20,
+                        window: int = PACK_WINDOW) -> tuple[grain.IterDataset, PackingPlan]:
+    """Packed batches of ``token_budget`` token slots (``token_budget // row_len`` rows) for steps 0..num_steps-1.
+
+    Elements: every per-token field in ``fields`` (default: the store's per-token fields among DEFAULT_FIELDS)
+    plus ``segment_ids`` and ``positions``, each ``[rows / process_count, row_len]`` (top-k ``[.., k]``).
+    ``row_len`` None = the longest sequence rounded up to 64. Returns the dataset and its PackingPlan.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    lengths = sequence_lengths(store_path)
+    if row_len is None:
+        row_len = round_up(int(lengths.max()), SEQ_LEN_BUCKET)
+    if row_len < int(lengths.max()):
+        raise ValueError(f"{store_path}: row_len={row_len} is shorter than its longest sequence "
+                         f"({int(lengths.max())} tokens)")
+    if token_budget % row_len:
+        raise ValueError(f"token_budget={token_budget} must be a multiple of row_len={row_len}")
+    rows = token_budget // row_len
+    if rows % process_count:
+        raise ValueError(f"token_budget={token_budget} gives {rows} rows of {row_len} tokens, not a multiple of "
+                         f"the {process_count} processes")
+    source = RolloutSource(store_path, fields, seq_len=row_len, cache_bytes=cache_bytes)
+    bad = [f for f in source.fields if f in ARRAYS and ARRAYS[f][2] == "row" or f == ROW_INDEX]
+    if bad:
+        raise ValueError(f"packed batches hold per-token fields only; not {bad}")
+    plan = PackingPlan(lengths, rows=rows, row_len=row_len, seed=seed, shuffle=shuffle, window=window)
+    if read_options is None:
+        read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+    ds = grain.MapDataset.range(num_steps).map(_ReadPackedBatch(source, plan, process_index, process_count))
+    return ds.to_iter_dataset(read_options), plan

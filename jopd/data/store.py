@@ -28,12 +28,13 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import tensorstore as ts
+
+from jopd.io import atomic_write_json
 
 FORMAT = "jopd.rollout_store"
 SCHEMA_VERSION = 1
@@ -62,16 +63,6 @@ class StoreError(Exception):
 
 class StoreCorruptError(StoreError):
     """Stored bytes do not match what was written (missing, truncated or altered chunk / metadata)."""
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    """Writes JSON so that readers see either the old or the new file, never a partial one."""
-    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(x: np.ndarray) -> str:
@@ -116,7 +107,7 @@ class RolloutStore:
                 "max_len": int(max_len), "rows_per_chunk": int(rows_per_chunk), "topk": int(topk),
                 "attrs": cls._check_attrs(path, attrs or {})}
         # meta.json first: a crash later leaves a recognisable (if broken) store that overwrite=True may replace.
-        _atomic_write_json(os.path.join(path, "meta.json"), meta)
+        atomic_write_json(os.path.join(path, "meta.json"), meta)
         for group in GROUPS:
             os.makedirs(os.path.join(path, "progress", group), exist_ok=True)
         return cls._open_arrays(path, meta, "r+", create=True, cache_bytes=0)
@@ -259,7 +250,7 @@ class RolloutStore:
         self._require_writable()
         meta = self._read_meta(self._path)  # merge into the on-disk version, not a possibly stale copy
         meta["attrs"] = self._check_attrs(self._path, {**meta["attrs"], **updates})
-        _atomic_write_json(os.path.join(self._path, "meta.json"), meta)
+        atomic_write_json(os.path.join(self._path, "meta.json"), meta)
         self._meta = meta
 
     # --------------------------------------------------------------------------------------------- progress
@@ -340,7 +331,7 @@ class RolloutStore:
             fut.commit.result()  # data durable before the marker claims it is
         marker = {"group": group, "chunk": chunk_idx, "rows": [start, stop],
                   "sha256": {name: _sha256(value) for name, value in sorted(data.items())}}
-        _atomic_write_json(self._marker_path(group, chunk_idx), marker)
+        atomic_write_json(self._marker_path(group, chunk_idx), marker)
 
     def write_rollout_chunk(self, chunk_idx: int, *, tokens: Any, prompt_len: Any, response_len: Any,
                             behaviour_logprobs: Any, ended_with_eos: Any, truncated: Any, prompt_index: Any,
@@ -523,3 +514,55 @@ class RolloutStore:
         if problems:
             raise StoreCorruptError(f"{self._path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
         return counts
+
+
+def write_sequences(path: str | os.PathLike[str], prompts: Sequence[Sequence[int]],
+                    responses: Sequence[Sequence[int]], *, rows_per_chunk: int = 256,
+                    attrs: Mapping[str, Any] | None = None) -> RolloutStore:
+    """A store of fixed (prompt, response) pairs, e.g. SFT data: the rollout group with zero behaviour log-probs.
+
+    Built beside ``path`` and renamed into place, so ``path`` holds a complete store or none; an existing store
+    at ``path`` is left alone (and returned) -- the caller's fingerprints decide when it is stale.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return RolloutStore.open(path, "r")
+    if len(prompts) != len(responses) or not len(prompts):
+        raise ValueError(f"{path}: need as many responses as prompts (>= 1), got {len(prompts)} / {len(responses)}")
+    max_len = max(2, max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    store = RolloutStore.create(tmp, num_rows=len(prompts), max_len=max_len, rows_per_chunk=rows_per_chunk,
+                                attrs=attrs)
+    for c in range(store.num_chunks):
+        lo, hi = store.chunk_rows(c)
+        n = hi - lo
+        tokens = np.zeros((n, max_len), np.int32)
+        plen = np.array([len(p) for p in prompts[lo:hi]], np.int32)
+        rlen = np.array([len(r) for r in responses[lo:hi]], np.int32)
+        for i, (p, r) in enumerate(zip(prompts[lo:hi], responses[lo:hi])):
+            tokens[i, :plen[i]] = p
+            tokens[i, plen[i]:plen[i] + rlen[i]] = r
+        store.write_rollout_chunk(c, tokens=tokens, prompt_len=plen, response_len=rlen,
+                                  behaviour_logprobs=np.zeros((n, max_len), np.float32),
+                                  ended_with_eos=np.ones(n, bool), truncated=np.zeros(n, bool),
+                                  prompt_index=np.arange(lo, hi, dtype=np.int32), sample_index=np.zeros(n, np.int32))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(tmp, path)
+    return RolloutStore.open(path, "r")
+
+
+def create_atomically(path: str | os.PathLike[str], **create_kwargs: Any) -> None:
+    """`RolloutStore.create` into a temporary sibling renamed into place: the store appears complete or not at all
+    (``create`` writes meta.json, then one zarr.json per array). Call from one process only."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # leftovers of a crash during an earlier create
+        if stale.startswith(f"{name}.tmp-"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    if os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    RolloutStore.create(tmp, **create_kwargs)
+    os.replace(tmp, path)

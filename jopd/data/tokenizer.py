@@ -27,7 +27,10 @@ import os
 import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the tokenizer utilities do not need JAX, which importing jopd.models brings in
+    from jopd.models.config import ModelConfig
 
 __all__ = [
     "ASSISTANT_TOKEN",
@@ -45,6 +48,7 @@ __all__ = [
     "encode_response",
     "end_of_turn_id",
     "load_tokenizer",
+    "stop_ids",
     "template_uses_enable_thinking",
     "tokenizer_fingerprint",
 ]
@@ -247,6 +251,15 @@ def end_of_turn_id(tokenizer: Any) -> int:
         raise ValueError("Cannot determine the end-of-turn id: the chat template shows no special token after "
                          "an assistant reply and the tokenizer has no eos_token_id.")
     return int(eos)
+
+
+def stop_ids(tokenizer: Any, model_config: ModelConfig) -> tuple[int, ...]:
+    """Ids that end a response, sorted: the chat template's end-of-turn id plus the model config's EOS ids.
+
+    Generation stops on either: an instruct model closes its turn with the former, a base model may emit the
+    latter instead.
+    """
+    return tuple(sorted({end_of_turn_id(tokenizer)} | {int(e) for e in model_config.eos_token_id}))
 
 
 def encode_response(tokenizer: Any, text: str, add_eos: bool = True) -> list[int]:

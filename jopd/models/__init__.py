@@ -30,27 +30,29 @@ __all__ = [
 _JIT_CACHE: dict = {}
 
 
-def token_logprobs(model: Model, tokens, mask) -> jax.Array:
+def token_logprobs(model: Model, tokens, mask, *, segment_ids=None, positions=None) -> jax.Array:
     """log p(tokens[:, t] | tokens[:, :t]) as float32 ``[B, T]`` (0 at t = 0 and at padding).
 
-    tokens int32 ``[B, T]`` right-padded, mask ``[B, T]`` (1 = real token). Jitted once per
-    (config, mesh, shape); the batch is sharded over the mesh's batch axes when it divides evenly.
+    tokens int32 ``[B, T]`` right-padded, mask ``[B, T]`` (1 = real token); or packed rows with int32
+    ``segment_ids`` and ``positions`` ``[B, T]`` (see :func:`hidden_states`; then 0 at each sequence's
+    first token).
+    Jitted once per (config, mesh, shape, packed or not); the batch is sharded over the mesh's batch axes
+    when it divides evenly.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mask = jnp.asarray(mask, jnp.int32)
+    arrays = [tokens, mask, segment_ids, positions]
+    arrays = [None if x is None else jnp.asarray(x, jnp.int32) for x in arrays]
     mesh = model.mesh
-    key = (model.config, id(mesh))
+    key = (model.config, mesh)
     fn = _JIT_CACHE.get(key)
     if fn is None:
         config = model.config
 
-        def run(params, tokens, mask):
-            with sharding.activate(mesh):
-                return logprobs_fn(params, config, tokens, mask)
+        def run(params, tokens, mask, segment_ids, positions):
+            return logprobs_fn(params, config, tokens, mask, segment_ids=segment_ids, positions=positions)
 
-        fn = jax.jit(run)
+        fn = sharding.bind_mesh(jax.jit(run), mesh)
         _JIT_CACHE[key] = fn
     if mesh is not None:
-        batch_sh = sharding.batch_sharding(mesh, 2, tokens.shape[0])
-        tokens, mask = jax.device_put(tokens, batch_sh), jax.device_put(mask, batch_sh)
-    return fn(model.params, tokens, mask)
+        batch_sh = sharding.batch_sharding(mesh, 2, arrays[0].shape[0])
+        arrays = [None if x is None else jax.device_put(x, batch_sh) for x in arrays]
+    return fn(model.params, *arrays)

@@ -255,12 +255,40 @@ def causal_mask(batch: int, length: int) -> Array:
     return jnp.broadcast_to(m, (batch, length, length))
 
 
-def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: Array | None = None) -> Array:
-    """Final-norm hidden states ``[B, T, D]`` of right-padded ``tokens`` ``[B, T]`` (no cache)."""
+def segment_mask(segment_ids: Array) -> Array:
+    """``[B, T, T]`` mask of packed rows: causal and same-segment.
+
+    ``segment_ids`` ``[B, T]`` int: 1, 2, ... per sequence of the row, 0 on trailing padding. Padding attends
+    to padding only, so every query row keeps at least its own key and no softmax row is empty.
+    """
+    t = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+
+
+def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: Array | None = None,
+                  segment_ids: Array | None = None) -> Array:
+    """Final-norm hidden states ``[B, T, D]`` of ``tokens`` ``[B, T]`` (no cache).
+
+    Unpacked (``segment_ids`` None): right-padded rows, one sequence each, ``positions`` default to
+    ``0..T-1``. Packed: ``segment_ids`` ``[B, T]`` (see :func:`segment_mask`) and ``positions`` ``[B, T]``
+    (each token's position within its own sequence, which RoPE needs) are both required; each sequence then
+    sees only itself, exactly as if it were alone in a row.
+    """
     b, t = tokens.shape
+    if segment_ids is None:
+        mask = causal_mask(b, t)
+    else:
+        if positions is None:
+            raise ValueError("packed rows (segment_ids) need the per-sequence positions too")
+        mask = segment_mask(segment_ids)
+        if config.attention_impl == "cudnn":
+            # The cudnn branch is plain causal attention (is_causal=True, mask ignored); a general
+            # same-segment mask there is untested, so packed batches take the exact masked xla path.
+            config = config.replace(attention_impl="xla")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _ = Decoder(config).apply({"params": params}, tokens, positions, causal_mask(b, t))
+    h, _ = Decoder(config).apply({"params": params}, tokens, positions, mask)
     return h
 
 

@@ -8,8 +8,6 @@ memory of the head is ``B * C * V * 4`` bytes in both directions, whatever the s
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -36,13 +34,16 @@ def _unchunk(y: Array, n: int) -> Array:
 
 
 def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array, *, chunk: int = 256,
-                         topk: int = 0) -> Array | tuple[Array, Array, Array]:
+                         topk: int = 0,
+                         segment_ids: Array | None = None) -> Array | tuple[Array, Array, Array]:
     """Token log-probs from final hidden states.
 
     hidden ``[B, T, D]``, w_out ``[D, V]``, tokens/mask ``[B, T]`` → float32 ``[B, T]`` with
     ``out[:, t] = log p(tokens[:, t] | tokens[:, :t])`` for t ≥ 1 where mask is 1, else 0.
     With ``topk > 0`` also returns the top-k (ids int32, log-probs float32) ``[B, T, k]`` of the distribution
     that predicts position t (zeros where out is 0).
+    Packed rows (``segment_ids`` ``[B, T]``): position t-1 predicts t only within one sequence, so a
+    sequence's first token gets 0 like t = 0 of an unpacked row.
     """
     b, t = tokens.shape
     w = w_out.astype(hidden.dtype)
@@ -64,7 +65,11 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
         return None, lp
 
     _, out = jax.lax.scan(body, None, (h_chunks, tgt_chunks))
-    valid = mask.astype(bool) & jnp.concatenate([jnp.zeros((b, 1), bool), jnp.ones((b, t - 1), bool)], 1)
+    if segment_ids is None:
+        has_prev = jnp.ones((b, t - 1), bool)
+    else:
+        has_prev = segment_ids[:, 1:] == segment_ids[:, :-1]
+    valid = mask.astype(bool) & jnp.concatenate([jnp.zeros((b, 1), bool), has_prev], 1)
 
     def place(y):  # shift so that index t holds the prediction of token t
         y = _unchunk(y, n)
@@ -78,22 +83,24 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     return place(out)
 
 
-def logprobs_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array) -> Array:
-    """Pure, differentiable per-token log-probs ``[B, T]`` (float32) of right-padded ``tokens``."""
-    h = hidden_states(params, config, tokens)
-    return logprobs_from_hidden(h, output_kernel(params, config), tokens, mask, chunk=config.logits_chunk_size)
+def logprobs_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array, *,
+                segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+    """Pure, differentiable per-token log-probs ``[B, T]`` (float32) of ``tokens`` ``[B, T]``.
 
-
-def logprobs_and_topk_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array, topk: int):
-    """Like :func:`logprobs_fn`, plus the top-k (ids, log-probs) ``[B, T, k]`` at every position."""
-    h = hidden_states(params, config, tokens)
+    Right-padded rows, or packed rows with ``segment_ids`` and ``positions`` ``[B, T]`` (see
+    :func:`jopd.models.decoder.hidden_states`); a packed sequence's log-probs equal those it gets unpacked.
+    """
+    h = hidden_states(params, config, tokens, positions, segment_ids)
     return logprobs_from_hidden(h, output_kernel(params, config), tokens, mask,
-                                chunk=config.logits_chunk_size, topk=topk)
+                                chunk=config.logits_chunk_size, segment_ids=segment_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _jit_logprobs(params, tokens, mask, config):
-    return logprobs_fn(params, config, tokens, mask)
+def logprobs_and_topk_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array, topk: int, *,
+                         segment_ids: Array | None = None, positions: Array | None = None):
+    """Like :func:`logprobs_fn`, plus the top-k (ids, log-probs) ``[B, T, k]`` at every position."""
+    h = hidden_states(params, config, tokens, positions, segment_ids)
+    return logprobs_from_hidden(h, output_kernel(params, config), tokens, mask,
+                                chunk=config.logits_chunk_size, topk=topk, segment_ids=segment_ids)
 
 
 def naive_logprobs_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array) -> Array:

@@ -1,34 +1,25 @@
-"""Pipeline stages, one module each, in order:
+"""The pipeline: its stages in order, each a module with ``inputs(run)`` and ``execute(run)``.
 
-prepare → teacher_data → sft → rollout → precompute → train (Lightning OPD) → online (standard OPD)
-→ eval → export → report.
+prepare → teacher_data → sft → rollout → precompute → train (Lightning OPD) → online (standard OPD) → eval →
+export → report. ``jopd.pipeline.run_stage`` decides for each whether to skip, resume or refuse it.
 """
 
 from __future__ import annotations
 
-import importlib
+from jopd import config
+from jopd.pipeline import Stage
+from jopd.stages import evaluate, export, online, precompute, prepare, report, rollout, sft, teacher_data, train
 
-from jopd.stages.base import RunContext, Stage, StageError, run_stage
-
-_MODULES = {
-    "prepare": "jopd.stages.prepare",
-    "teacher_data": "jopd.stages.teacher_data",
-    "sft": "jopd.stages.sft",
-    "rollout": "jopd.stages.rollout",
-    "precompute": "jopd.stages.precompute",
-    "train": "jopd.stages.train",
-    "online": "jopd.stages.online",
-    "eval": "jopd.stages.evaluate",
-    "export": "jopd.stages.export",
-    "report": "jopd.stages.report",
-}
+_MODULES = {"prepare": prepare, "teacher_data": teacher_data, "sft": sft, "rollout": rollout,
+            "precompute": precompute, "train": train, "online": online, "eval": evaluate, "export": export,
+            "report": report}
+# The order is the config's (config.STAGES validates `stages:` before anything is imported).
+STAGES: tuple[Stage, ...] = tuple(Stage(name, _MODULES[name].inputs, _MODULES[name].execute) for name in config.STAGES)
 
 
-def get_stage(name: str) -> Stage:
-    """The stage object for ``name`` (each module defines ``STAGE``)."""
-    if name not in _MODULES:
-        raise KeyError(f"unknown stage {name!r}; stages: {list(_MODULES)}")
-    return importlib.import_module(_MODULES[name]).STAGE
-
-
-__all__ = ["RunContext", "Stage", "StageError", "get_stage", "run_stage"]
+def stage(name: str) -> Stage:
+    """The stage called ``name``."""
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; stages: {list(config.STAGES)}")

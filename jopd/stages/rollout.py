@@ -1,32 +1,23 @@
 """Stage ``rollout``: the SFT student samples responses for the OPD prompts, once, into a RolloutStore.
 
 Writes ``RUN_DIR/rollout/store`` (`jopd.data.store.RolloutStore`): ``rollout.samples_per_prompt`` rows per OPD
-prompt, row ``r`` = (prompt ``r // samples_per_prompt``, sample ``r % samples_per_prompt``). Each row holds the
-exact sampled ids (prompt then response, the stop id included in the response when emitted), prompt_len /
-response_len, the sampler's behaviour log-probs at the response positions, ended_with_eos / truncated, and
-prompt_index / sample_index. ``max_len`` = longest prompt + ``rollout.max_new_tokens``. Attributes follow
-docs/CONTRACTS.md (``kind``, ``policy_path``, ``policy_fingerprint``, ``sft_teacher_fingerprint``,
-``tokenizer_fingerprint``, ``sampling``, ``prompt_split``; plus ``num_prompts`` and ``stop_ids``).
+prompt, row ``r`` = (prompt ``r // samples_per_prompt``, sample ``r % samples_per_prompt``), each with the exact
+sampled ids (prompt then response, the stop id included when emitted), prompt_len / response_len, the sampler's
+behaviour log-probs at the response positions, ended_with_eos / truncated and prompt_index / sample_index.
+``max_len`` = longest prompt + ``rollout.max_new_tokens``. Attributes: see docs/data-formats.md.
 
 Resuming: the store chunk is the unit of generation. Chunk ``c`` is sampled in one `generate` call seeded with
-``derive_seed(rollout.seed, c)``, so a chunk's bytes do not depend on which chunks were written before; an
-interrupted run regenerates only the chunks without a completion marker and ends byte-identical to an
-uninterrupted one.
+``derive_seed(rollout.seed, c)``, so its bytes do not depend on which chunks were written before; an interrupted
+run regenerates only the chunks without a completion marker and ends byte-identical to an uninterrupted one.
 
-Several JAX processes: `generate` runs jitted programs on the global mesh, which every process must enter
-together. So every process walks over *all* pending chunks in the same order (the pending list is read after a
-barrier, from the shared run directory), and only the chunk's owner -- ``chunk % process_count``, as in
-`RolloutStore.pending_chunks` -- writes it. This keeps the collectives in lockstep at the price of no
-inter-process parallelism beyond what the mesh itself gives (each generate call is already data-parallel).
+Several processes: `generate` is collective, so every process walks over *all* pending chunks in the same order
+(listed after a barrier) and only the chunk's owner (``chunk % process_count``) writes it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,165 +25,89 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jopd.data import tokenizer as toklib
-from jopd.data.store import RolloutStore, StoreError
+from jopd.data.store import StoreError
+from jopd.io import read_jsonl
 from jopd.models import ModelConfig
-from jopd.stages.base import RunContext, Stage, StageError, read_json
-from jopd.stages.prepare import read_prompts
-from jopd.stages.teacher_data import derive_seed, numerics_inputs, run_relative, stop_ids
+from jopd.pipeline import Run, StageError, barrier, derive_seed, numerics_inputs, open_or_create_store, sft_teacher
+from jopd.sampling import generate, sequences
 
 log = logging.getLogger("jopd")
 
 
-def sft_teacher_fingerprint(ctx: RunContext) -> str:
-    """Fingerprint of the teacher whose data the SFT student was trained on (recorded by the sft stage)."""
-    fp = ctx.done_record("sft").get("outputs", {}).get("sft_teacher_fingerprint")
-    meta_path = ctx.stage_dir("sft") / "meta.json"
-    if not fp and meta_path.is_file():
-        fp = read_json(meta_path).get("sft_teacher_fingerprint")
-    if not fp:
-        raise StageError(f"stage 'sft' recorded no sft_teacher_fingerprint (neither in {ctx.stage_dir('sft')}/"
-                         "DONE.json outputs nor in meta.json); re-run the sft stage")
-    return str(fp)
+def _sampling(run: Run) -> dict[str, Any]:
+    r = run.cfg.rollout
+    return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens,
+            "seed": r.seed, "samples_per_prompt": r.samples_per_prompt}
 
 
-def create_store_atomically(path: Path, **create_kwargs: Any) -> None:
-    """Creates a RolloutStore at ``path`` via a temporary sibling renamed into place.
-
-    `RolloutStore.create` writes meta.json and then one zarr.json per array; a crash in between would leave a
-    directory that looks like a store but cannot be opened. Building it aside and renaming makes the store
-    appear complete or not at all. Call from one process only.
-    """
-    for stale in path.parent.glob(f"{path.name}.tmp-*"):  # leftovers of a crash during an earlier create
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    RolloutStore.create(tmp, **create_kwargs)
-    os.replace(tmp, path)
+def inputs(run: Run) -> dict[str, Any]:
+    r = run.cfg.rollout
+    sft = run.upstream("sft")  # first: it names the missing stage if sft has not run
+    # batch_size and rows_per_chunk decide how rows are grouped into compiled calls and seeded chunks.
+    return {"sampling": _sampling(run), "batch_size": r.batch_size, "rows_per_chunk": r.rows_per_chunk,
+            "policy_fingerprint": run.fingerprint(run.layout.sft_model), "numerics": numerics_inputs(run.cfg),
+            "sft": sft, "prepare": run.upstream("prepare")}
 
 
-def open_or_create_store(ctx: RunContext, path: Path, *, attrs: dict[str, Any], num_rows: int, max_len: int,
-                         rows_per_chunk: int, topk: int = 0) -> RolloutStore:
-    """Opens the store at ``path`` for writing, creating it first if absent; refuses one of another shape/attrs."""
-    if ctx.is_main_process and not (path / "meta.json").is_file():
-        if path.exists() and any(path.iterdir()):
-            raise StageError(f"{path} exists but is not a RolloutStore (no meta.json); delete it")
-        if path.exists():
-            path.rmdir()
-        create_store_atomically(path, num_rows=num_rows, max_len=max_len, rows_per_chunk=rows_per_chunk,
-                                topk=topk, attrs=attrs)
-    ctx.sync(f"store-created:{path}")
-    try:
-        store = RolloutStore.open(path, mode="r+")
-    except StoreError as e:
-        raise StageError(f"cannot open {path}: {e}\n  delete {path} to start it over") from e
-    got = (store.num_rows, store.max_len, store.rows_per_chunk, store.topk)
-    if got != (num_rows, max_len, rows_per_chunk, topk) or store.attrs != attrs:
-        # The stage fingerprint normally catches this first; this guards against a hand-edited run directory.
-        raise StageError(f"{path} was made for other inputs (shape {got} / attrs differ from "
-                         f"{(num_rows, max_len, rows_per_chunk, topk)}); refusing to mix. Delete {path}")
-    return store
-
-
-class RolloutStage(Stage):
-    name = "rollout"
-
-    def _sampling(self, ctx: RunContext) -> dict[str, Any]:
-        r = ctx.cfg.rollout
-        return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
-                "max_new_tokens": r.max_new_tokens, "seed": r.seed, "samples_per_prompt": r.samples_per_prompt}
-
-    def inputs(self, ctx: RunContext) -> dict[str, Any]:
-        r = ctx.cfg.rollout
-        sft = ctx.upstream("sft")  # first: it names the missing stage if sft has not run
-        # batch_size and rows_per_chunk decide how rows are grouped into compiled calls and seeded chunks.
-        return {"sampling": self._sampling(ctx), "batch_size": r.batch_size, "rows_per_chunk": r.rows_per_chunk,
-                "policy_fingerprint": ctx.model_fingerprint(ctx.sft_model_dir()), "numerics": numerics_inputs(ctx),
-                "sft": sft, "prepare": ctx.upstream("prepare")}
-
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        from jopd.sampling import generate
-
-        r = ctx.cfg.rollout
-        tok = ctx.tokenizer
-        prompts = read_prompts(ctx, "opd")
-        if not prompts:
-            raise StageError(f"{ctx.stage_dir('prepare')}/prompts/opd.jsonl has no prompts")
-        if r.samples_per_prompt < 1 or r.rows_per_chunk < 1:
-            raise StageError("rollout.samples_per_prompt and rollout.rows_per_chunk must be >= 1")
-        policy_dir = ctx.sft_model_dir()
-        spp = r.samples_per_prompt
-        num_rows = len(prompts) * spp
-        max_len = max(len(p["prompt_ids"]) for p in prompts) + r.max_new_tokens
-
-        # The config alone gives the stop ids; the weights are loaded only if there is something to generate.
-        eos = stop_ids(tok, ModelConfig.from_pretrained(policy_dir))
-        attrs = {"kind": "rollout", "policy_path": run_relative(ctx, policy_dir),
-                 "policy_fingerprint": ctx.model_fingerprint(policy_dir),
-                 "sft_teacher_fingerprint": sft_teacher_fingerprint(ctx),
-                 "tokenizer_fingerprint": toklib.tokenizer_fingerprint(tok), "sampling": self._sampling(ctx),
-                 "prompt_split": "opd", "num_prompts": len(prompts), "stop_ids": list(eos)}
-        path = ctx.stage_dir(self.name) / "store"
-        store = open_or_create_store(ctx, path, attrs=attrs, num_rows=num_rows, max_len=max_len,
-                                     rows_per_chunk=r.rows_per_chunk)
-
-        pending = store.pending_chunks("rollout")
-        mine = set(store.pending_chunks("rollout", process_index=jax.process_index(),
-                                        process_count=jax.process_count()))
-        ctx.sync("rollout-pending")  # nobody writes before every process has listed what is pending
-        log.info("rollout: %d prompts x %d samples = %d rows in %d chunks (%d to generate)", len(prompts), spp,
-                 num_rows, store.num_chunks, len(pending))
-        model = ctx.load_model(policy_dir) if pending else None
-        t0 = time.time()
-        new_tokens = 0
+def execute(run: Run) -> dict[str, Any]:
+    r, layout, tok = run.cfg.rollout, run.layout, run.tokenizer
+    prompts = read_jsonl(layout.prompts("opd"))
+    if not prompts:
+        raise StageError(f"{layout.prompts('opd')} has no prompts")
+    spp = r.samples_per_prompt
+    num_rows = len(prompts) * spp
+    max_len = max(len(p["prompt_ids"]) for p in prompts) + r.max_new_tokens
+    # The config alone gives the stop ids; the weights are loaded only if there is something to generate.
+    stops = toklib.stop_ids(tok, ModelConfig.from_pretrained(layout.sft_model))
+    attrs = {"kind": "rollout", "policy_path": layout.relative(layout.sft_model),
+             "policy_fingerprint": run.fingerprint(layout.sft_model), "sft_teacher_fingerprint": sft_teacher(run)[1],
+             "tokenizer_fingerprint": toklib.tokenizer_fingerprint(tok), "sampling": _sampling(run),
+             "prompt_split": "opd", "num_prompts": len(prompts), "stop_ids": list(stops)}
+    store = open_or_create_store(run, layout.rollout_store, attrs=attrs, num_rows=num_rows, max_len=max_len,
+                                 rows_per_chunk=r.rows_per_chunk)
+    pending = store.pending_chunks("rollout")
+    mine = set(store.pending_chunks("rollout", process_index=jax.process_index(), process_count=jax.process_count()))
+    barrier("rollout-pending")  # nobody writes before every process has listed what is pending
+    log.info("rollout: %d prompts x %d samples = %d rows in %d chunks (%d to generate)", len(prompts), spp, num_rows,
+             store.num_chunks, len(pending))
+    t0, new_tokens = time.time(), 0
+    if pending:
+        model = run.load_model(layout.sft_model)
         bar = tqdm(total=sum(hi - lo for lo, hi in map(store.chunk_rows, pending)), desc="rollout", unit="row",
-                   disable=not ctx.is_main_process)
+                   disable=not run.is_main)
         for c in pending:
-            start, stop = store.chunk_rows(c)
-            rows = np.arange(start, stop)
+            rows = np.arange(*store.chunk_rows(c))
             p_idx, s_idx = rows // spp, rows % spp
             prompt_ids = [prompts[i]["prompt_ids"] for i in p_idx]
             res = generate(model, prompt_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                           top_p=r.top_p, top_k=r.top_k, eos_token_id=eos, seed=derive_seed(r.seed, c),
+                           top_p=r.top_p, top_k=r.top_k, eos_token_id=stops, seed=derive_seed(r.seed, c),
                            batch_size=r.batch_size)
-            n = stop - start
-            tokens = np.zeros((n, max_len), np.int32)
-            behaviour = np.zeros((n, max_len), np.float32)
-            plen = np.array([len(p) for p in prompt_ids], np.int32)
-            rlen = np.array([len(t) for t in res.tokens], np.int32)
-            for i, (p, t, lp) in enumerate(zip(prompt_ids, res.tokens, res.logprobs)):
-                tokens[i, :plen[i]] = p
-                tokens[i, plen[i]:plen[i] + rlen[i]] = t
-                behaviour[i, plen[i]:plen[i] + rlen[i]] = lp  # aligned: lp of the token at that position
-            eos_flags = np.array(res.ended_with_eos, bool)
+            seqs = sequences(prompt_ids, res, max_len)
             if c in mine:
                 # generate stops only at a stop id or at max_new_tokens: a row without EOS was truncated.
-                store.write_rollout_chunk(c, tokens=tokens, prompt_len=plen, response_len=rlen,
-                                          behaviour_logprobs=behaviour, ended_with_eos=eos_flags,
-                                          truncated=~eos_flags, prompt_index=p_idx.astype(np.int32),
-                                          sample_index=s_idx.astype(np.int32))
-            new_tokens += int(rlen.sum())
-            bar.update(n)
+                store.write_rollout_chunk(c, tokens=seqs["tokens"], prompt_len=seqs["prompt_len"],
+                                          response_len=seqs["response_len"],
+                                          behaviour_logprobs=seqs["behaviour_logprobs"],
+                                          ended_with_eos=res.ended_with_eos, truncated=~res.ended_with_eos,
+                                          prompt_index=p_idx.astype(np.int32), sample_index=s_idx.astype(np.int32))
+            new_tokens += int(res.lengths.sum())
+            bar.update(len(rows))
         bar.close()
-        seconds = time.time() - t0
         del model
-        ctx.sync("rollout-written")
-
-        try:
-            store.verify(["rollout"])
-        except StoreError as e:
-            raise StageError(f"rollout store failed verification: {e}") from e
-        stats = store.read_rows(range(num_rows), ["response_len", "ended_with_eos", "truncated"])
-        summary = {
-            "store": str(path), "rows": num_rows, "prompts": len(prompts), "chunks": store.num_chunks,
-            "eos_rate": float(stats["ended_with_eos"].mean()), "truncation_rate": float(stats["truncated"].mean()),
-            "mean_response_len": float(stats["response_len"].mean()),
-            "response_tokens": int(stats["response_len"].sum()), "tokens_generated_this_run": new_tokens,
-            "tokens_per_s": float(new_tokens / seconds) if new_tokens and seconds > 0 else None,
-            "seconds": seconds, "policy_fingerprint": attrs["policy_fingerprint"],
-            "sft_teacher_fingerprint": attrs["sft_teacher_fingerprint"],
-        }
-        log.info("rollout: %d rows, eos rate %.3f, truncated %.3f, mean response %.1f tokens", num_rows,
-                 summary["eos_rate"], summary["truncation_rate"], summary["mean_response_len"])
-        return summary
-
-
-STAGE = RolloutStage()
+    seconds = time.time() - t0
+    barrier("rollout-written")
+    try:
+        store.verify(["rollout"])
+    except StoreError as e:
+        raise StageError(f"rollout store failed verification: {e}") from e
+    stats = store.read_rows(range(num_rows), ["response_len", "ended_with_eos", "truncated"])
+    summary = {
+        "store": str(layout.rollout_store), "rows": num_rows, "prompts": len(prompts), "chunks": store.num_chunks,
+        "eos_rate": float(stats["ended_with_eos"].mean()), "truncation_rate": float(stats["truncated"].mean()),
+        "mean_response_len": float(stats["response_len"].mean()), "response_tokens": int(stats["response_len"].sum()),
+        "tokens_generated_this_run": new_tokens,
+        "tokens_per_s": float(new_tokens / seconds) if new_tokens and seconds > 0 else None, "seconds": seconds,
+        "policy_fingerprint": attrs["policy_fingerprint"], "sft_teacher_fingerprint": attrs["sft_teacher_fingerprint"]}
+    log.info("rollout: %d rows, eos rate %.3f, truncated %.3f, mean response %.1f tokens", num_rows,
+             summary["eos_rate"], summary["truncation_rate"], summary["mean_response_len"])
+    return summary

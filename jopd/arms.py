@@ -1,0 +1,94 @@
+"""OPD arms of a run: what the ``train`` (Lightning) and ``online`` stages share around ``jopd.training.opd``.
+
+An arm starts from the SFT student, trains ``opd.steps`` steps on its batch source, and ends as
+``arms/NAME/model`` (HF) plus ``arms/NAME/meta.json`` (mode, teacher and SFT-data teacher fingerprints, teacher
+consistency, timings). A complete arm (meta.json with ``complete`` and the same step count) is skipped; an
+interrupted one resumes from its checkpoint. Periodic evaluation (``opd.eval_every``) runs
+``jopd.evaluation.evaluate_policy`` on the held-out prompts against the KL teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jopd.evaluation import evaluate_policy
+from jopd.io import atomic_write_json, read_json, read_jsonl
+from jopd.loop import LoopState, MetricsLogger
+from jopd.models import Model, save_pretrained
+from jopd.pipeline import Run, barrier, sft_teacher
+
+log = logging.getLogger("jopd")
+
+
+class Teachers:
+    """Teachers loaded once per stage and shared (live scoring and the periodic reverse-KL evaluation)."""
+
+    def __init__(self, run: Run):
+        self.run, self._models = run, {}
+
+    def __getitem__(self, name: str) -> Model:
+        if name not in self._models:
+            self._models[name] = self.run.load_teacher(name)
+        return self._models[name]
+
+
+def kl_teacher_name(run: Run) -> str:
+    return run.cfg.eval.kl_teacher or run.cfg.sft_teacher
+
+
+def periodic_evaluator(run: Run, teachers: Teachers) -> Callable[[Model], dict[str, float]]:
+    """``model -> {accuracy, reverse_kl, ...}`` on the held-out prompts with the eval settings."""
+    cfg = run.cfg.eval
+    prompts = read_jsonl(run.layout.prompts("eval"))
+
+    def evaluate(model: Model) -> dict[str, float]:
+        res = evaluate_policy(model, prompts, run.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, top_p=cfg.top_p, samples_per_prompt=cfg.samples_per_prompt,
+                              batch_size=cfg.batch_size, seed=run.cfg.seed, kl_teacher=teachers[kl_teacher_name(run)],
+                              kl_samples=cfg.kl_samples)
+        return {k: float(v) for k, v in res.items() if isinstance(v, int | float | np.number)}
+
+    return evaluate
+
+
+def completed_arm(run: Run, arm: Any) -> dict[str, Any] | None:
+    """The meta.json of an arm finished with the configured step count, else None."""
+    meta_path, model_dir = run.layout.arm_meta(arm.name), run.layout.arm_model(arm.name)
+    if meta_path.is_file() and (model_dir / "config.json").is_file():
+        meta = read_json(meta_path)
+        if meta.get("complete") and meta.get("steps") == run.cfg.opd.steps:
+            log.info("arm %s: already complete (skipped)", arm.name)
+            return meta
+    return None
+
+
+def arm_logger(run: Run, arm: Any) -> MetricsLogger:
+    return MetricsLogger(run.layout.metrics(f"arm_{arm.name}"), run.layout.tensorboard(f"arm_{arm.name}"))
+
+
+def teacher_info(run: Run, arm: Any, mode: str, teacher_fp: str, consistent: bool, **more: Any) -> dict[str, Any]:
+    sft_name, sft_fp = sft_teacher(run)
+    return {"mode": mode, "teacher_name": arm.teacher, "teacher_fingerprint": teacher_fp,
+            "sft_teacher_name": sft_name, "sft_teacher_fingerprint": sft_fp, "consistent_teacher": consistent, **more}
+
+
+def finish_arm(run: Run, arm: Any, model: Model, loop: LoopState, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Export the arm's student and record its meta.json; returns the arm summary."""
+    model_dir = run.layout.arm_model(arm.name)
+    save_pretrained(model, model_dir, tokenizer_dir=str(run.layout.tokenizer))
+    barrier(f"arm-{arm.name}-export")
+    steps = max(run.cfg.opd.steps, 1)
+    summary = {**info, "arm": arm.name, "steps": run.cfg.opd.steps, "complete": True,
+               "resumed_from_step": loop.start_step, "final_metrics": loop.last_metrics,
+               "final_eval": loop.extra.get("last_eval", {}), "train_seconds": loop.seconds,
+               "eval_seconds": loop.extra.get("eval_seconds", 0.0), "seconds_per_step": loop.seconds / steps,
+               "seconds_per_step_by_phase": {k: v / steps for k, v in sorted(loop.phase_seconds.items())},
+               "tokens": loop.tokens, "model_path": str(model_dir), "model_fingerprint": run.fingerprint(model_dir),
+               "seed": run.cfg.seed}
+    if run.is_main:
+        atomic_write_json(run.layout.arm_meta(arm.name), summary)
+    return summary

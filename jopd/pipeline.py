@@ -1,0 +1,304 @@
+"""How a stage runs: its inputs' fingerprint decides skip / resume / refuse; ``Run`` is what every stage gets.
+
+A stage is two functions, ``inputs(run) -> dict`` (everything its outputs depend on: config values, upstream
+fingerprints, model fingerprints) and ``run(run) -> dict`` (the work; it resumes from what an interrupted run
+wrote). Before the work :func:`run_stage` records ``<stage>/STARTED.json`` with the inputs' fingerprint, after it
+``<stage>/DONE.json``. On the next invocation:
+
+- DONE with the same fingerprint -> skipped;
+- STARTED (not DONE) with the same fingerprint -> run again, resuming from its chunk markers / checkpoints;
+- either with a different fingerprint -> refused, naming the inputs that changed: outputs of different inputs
+  are never mixed.
+
+Every process runs every stage; a barrier separates stages so no process reads an upstream stage's outputs
+before they are complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jopd.config import Config
+from jopd.io import atomic_write_json, read_json
+from jopd.layout import RunLayout
+
+log = logging.getLogger("jopd")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (inconsistent inputs, missing upstream outputs, refused by a rule)."""
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (dataclasses included)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hash_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: str | os.PathLike, cache_path: str | os.PathLike | None = None) -> str:
+    """Identity of a model: sha256 over its config.json and every safetensors file's content.
+
+    Hashing a large model takes a while, so per-file hashes are cached in ``cache_path`` keyed by
+    (path, size, mtime).
+    """
+    model_dir = Path(model_dir)
+    files = sorted([model_dir / "config.json"] + list(model_dir.glob("*.safetensors")))
+    cache: dict[str, Any] = {}
+    if cache_path and Path(cache_path).is_file():
+        try:
+            cache = read_json(cache_path)
+        except (OSError, ValueError):
+            cache = {}
+    h = hashlib.sha256()
+    changed = False
+    for f in files:
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = _hash_file(f)
+            changed = True
+        h.update(f.name.encode() + b"\0" + cache[key].encode())
+    if cache_path and changed and jax.process_index() == 0:
+        atomic_write_json(cache_path, cache)
+    return h.hexdigest()
+
+
+def changed_inputs(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key.sub: old -> new`` for every leaf that differs between two input records."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += changed_inputs(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+# -------------------------------------------------------------------------------------------------- run
+def barrier(name: str) -> None:
+    """Every process waits here for the others (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclasses.dataclass
+class Run:
+    """A run: the validated config, where its files are, and the device mesh."""
+
+    cfg: Config
+    layout: RunLayout
+    mesh: Any
+
+    @classmethod
+    def create(cls, cfg: Config, mesh: Any) -> Run:
+        return cls(cfg, RunLayout.for_config(cfg), mesh)
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def model_options(self, **overrides: Any) -> dict[str, Any]:
+        """Runtime settings of every model of the run (precision section), for ``load_pretrained``."""
+        p = self.cfg.precision
+        return {"compute_dtype": p.compute_dtype, "remat": p.remat, "attention_impl": p.attention_impl,
+                "logits_chunk_size": p.logits_chunk_size, **overrides}
+
+    def load_model(self, path: str | os.PathLike, *, param_dtype: str | None = None):
+        from jopd.models import load_pretrained
+
+        return load_pretrained(path, param_dtype or self.cfg.precision.param_dtype, mesh=self.mesh,
+                               **self.model_options())
+
+    def load_teacher(self, name: str):
+        """A teacher, held in ``precision.teacher_dtype`` (teachers are only ever evaluated)."""
+        p = self.cfg.precision
+        return self.load_model(self.layout.teacher(name), param_dtype=p.teacher_dtype or p.param_dtype)
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from jopd.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(str(self.layout.tokenizer))
+
+    def fingerprint(self, model_dir: str | os.PathLike) -> str:
+        return model_fingerprint(model_dir, self.layout.fingerprint_cache)
+
+    def done_record(self, stage: str) -> dict[str, Any]:
+        path = self.layout.done(stage)
+        if not path.is_file():
+            raise StageError(f"this stage needs the outputs of stage {stage!r}, which has not completed in "
+                             f"{self.layout.root} (add {stage!r} to `stages`, or run it first)")
+        return read_json(path)
+
+    def upstream(self, stage: str) -> str:
+        """Fingerprint of a completed upstream stage (part of a downstream stage's inputs)."""
+        return self.done_record(stage)["fingerprint"]
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        """What a completed upstream stage returned."""
+        return self.done_record(stage).get("outputs", {})
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: ``inputs(run)`` (what its outputs depend on) and ``run(run)`` (the work, resumable)."""
+
+    name: str
+    inputs: Callable[[Run], dict[str, Any]]
+    run: Callable[[Run], dict[str, Any]]
+
+
+def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
+    """Skip, resume or refuse ``stage`` by its inputs' fingerprint (module doc); returns its outputs."""
+    layout = run.layout
+    inputs = json.loads(json.dumps(stage.inputs(run), sort_keys=True, default=str))
+    fp = fingerprint(inputs)
+    for marker in (layout.done(stage.name), layout.started(stage.name)):
+        if not marker.is_file():
+            continue
+        record = read_json(marker)
+        if record.get("fingerprint") != fp:
+            changes = changed_inputs(record.get("inputs", {}), inputs)
+            raise StageError(
+                f"stage {stage.name!r}: {marker.parent} holds outputs made from different inputs; refusing to mix "
+                f"them.\n  changed: {'; '.join(changes[:10]) or '(fingerprint only)'}\n"
+                f"  delete {marker.parent} (and the stages after it) or use another run_dir")
+        if marker.name == "DONE.json":
+            log.info("stage %s: up to date (skipped)", stage.name)
+            return record.get("outputs", {})
+        log.info("stage %s: resuming an interrupted run", stage.name)
+        break
+    if run.is_main:
+        atomic_write_json(layout.started(stage.name), {"fingerprint": fp, "inputs": inputs, "time": time.time()})
+    barrier(f"{stage.name}-start")
+    t0 = time.time()
+    log.info("stage %s: running", stage.name)
+    outputs = stage.run(run) or {}
+    seconds = time.time() - t0
+    barrier(f"{stage.name}-end")
+    if run.is_main:
+        atomic_write_json(layout.done(stage.name), {"fingerprint": fp, "inputs": inputs, "outputs": outputs,
+                                                     "seconds": seconds, "time": time.time()})
+    barrier(f"{stage.name}-done")  # nobody reads this stage's DONE marker before it exists
+    log.info("stage %s: done in %.1f s", stage.name, seconds)
+    return outputs
+
+
+# ---------------------------------------------------------------------------- rules every stage applies
+def derive_seed(seed: int, index: int) -> int:
+    """The sampling seed of resumable unit ``index`` (a part / a store chunk) of a stage seeded with ``seed``.
+
+    `jopd.sampling.generate` keys row ``i`` of a call by ``fold_in(seed, i)``, so calls sharing a seed would repeat
+    their random streams row by row; hashing (seed, index) gives every unit an independent stream that depends
+    only on its index, which is what makes a resumed run reproduce an uninterrupted one.
+    """
+    digest = hashlib.sha256(f"jopd:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def numerics_inputs(cfg: Config, *, logits_chunked: bool = False) -> dict[str, Any]:
+    """Precision settings that change sampled tokens / computed log-probs (so they belong to stage inputs).
+
+    ``logits_chunked``: the stage computes log-probs with the chunked head, whose chunk size can change the last
+    bits; sampling does not use it.
+    """
+    p = cfg.precision
+    out: dict[str, Any] = {"param_dtype": p.param_dtype, "teacher_dtype": p.teacher_dtype,
+                           "compute_dtype": p.compute_dtype, "attention_impl": p.attention_impl}
+    if logits_chunked:
+        out["logits_chunk_size"] = p.logits_chunk_size
+    return out
+
+
+def check_tokenizer(run: Run, model_dir: Path, what: str) -> str:
+    """The fingerprint of ``model_dir``'s vocabulary, refused (StageError naming both) if it maps any id
+    differently from the run's tokenizer. A directory without tokenizer files uses the run's."""
+    from jopd.data import tokenizer as toklib
+
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return toklib.tokenizer_fingerprint(run.tokenizer)
+    try:
+        return toklib.check_same_vocab(run.tokenizer, str(model_dir), name_a=f"run tokenizer ({run.layout.tokenizer})",
+                                       name_b=f"{what} ({model_dir})")
+    except toklib.VocabMismatchError as e:
+        raise StageError(str(e)) from e
+
+
+def sft_teacher(run: Run) -> tuple[str | None, str]:
+    """(name, fingerprint) of the teacher that wrote the SFT data, as recorded by the ``sft`` stage."""
+    outputs = run.outputs("sft")
+    fp = outputs.get("sft_teacher_fingerprint")
+    if not fp:
+        raise StageError(f"the sft stage in {run.layout.root} recorded no sft_teacher_fingerprint; re-run it")
+    return outputs.get("sft_teacher_name"), fp
+
+
+def check_teacher_consistency(run: Run, arm: Any, teacher_fp: str) -> bool:
+    """True if the arm's teacher is the SFT-data teacher; refused (StageError) unless the arm allows the ablation,
+    which is then warned about and recorded (False)."""
+    sft_name, sft_fp = sft_teacher(run)
+    if teacher_fp == sft_fp:
+        return True
+    msg = (f"arm {arm.name!r}: its teacher {arm.teacher!r} (fingerprint {teacher_fp}) is not the teacher that "
+           f"wrote the SFT data, {sft_name!r} (fingerprint {sft_fp}): the student was not fine-tuned on this "
+           "teacher's responses, so OPD would distil from an inconsistent teacher")
+    if not arm.allow_inconsistent_teacher:
+        raise StageError(msg + f". Set allow_inconsistent_teacher: true on arm {arm.name!r} to run this ablation.")
+    log.warning("%s (allowed by allow_inconsistent_teacher; recorded as consistent_teacher: false)", msg)
+    return False
+
+
+def open_or_create_store(run: Run, path: Path, *, attrs: dict[str, Any], num_rows: int, max_len: int,
+                         rows_per_chunk: int, topk: int = 0):
+    """The RolloutStore at ``path`` opened for writing, created first (by process 0, atomically) if absent;
+    refused if it was made for another shape or other attributes."""
+    from jopd.data.store import RolloutStore, StoreError, create_atomically
+
+    if run.is_main and not (path / "meta.json").is_file():
+        if path.exists() and any(path.iterdir()):
+            raise StageError(f"{path} exists but is not a RolloutStore (no meta.json); delete it")
+        create_atomically(path, num_rows=num_rows, max_len=max_len, rows_per_chunk=rows_per_chunk, topk=topk,
+                          attrs=attrs)
+    barrier(f"store-created:{path}")
+    try:
+        store = RolloutStore.open(path, mode="r+")
+    except StoreError as e:
+        raise StageError(f"cannot open {path}: {e}\n  delete {path} to start it over") from e
+    got = (store.num_rows, store.max_len, store.rows_per_chunk, store.topk)
+    if got != (num_rows, max_len, rows_per_chunk, topk) or store.attrs != attrs:
+        # The stage fingerprint normally catches this first; this guards against a hand-edited run directory.
+        raise StageError(f"{path} was made for other inputs (shape {got} / attrs differ from "
+                         f"{(num_rows, max_len, rows_per_chunk, topk)}); refusing to mix. Delete {path}")
+    return store
+
+
+def store_fingerprint(path: str | os.PathLike, group: str = "rollout") -> str:
+    """Identity of a store's ``group`` content without re-reading it: sha256 over meta.json and the group's
+    completion markers, which carry the SHA-256 of every chunk of every array."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in [path / "meta.json", *sorted((path / "progress" / group).glob("*.json"))]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()

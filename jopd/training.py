@@ -1,0 +1,279 @@
+"""The kinds of training a run does, each a short composition of library pieces around :func:`jopd.loop.run_loop`.
+
+- :func:`store_batches`: the one data path: a store of (prompt, response) rows -> Grain -> host batches, either
+  ``batch_size`` padded sequences or packed token-budget batches (``token_budget``), checkpointable.
+- :func:`supervised`: cross-entropy on response tokens (SFT, and the in-run teachers' pre-training).
+- :func:`opd`: the OPD step on any batch source: the fixed rollouts + stored teacher log-probs (Lightning) or
+  :class:`OnlineBatches` (standard OPD: fresh student samples scored by a live teacher).
+
+None of them needs a ``Config`` object or a run directory: they take config *sections* (plain dataclasses) and
+paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jopd import loop as looplib
+from jopd.checkpointing import Checkpointer
+from jopd.data import loader
+from jopd.models import Model, token_logprobs
+from jopd.sampling import generate, sequences
+from jopd.sharding import round_up, to_host
+from jopd.steps import (
+    OPDLossConfig,
+    init_state,
+    lr_schedule,
+    make_eval_loss,
+    make_opd_step,
+    make_sft_step,
+    optimizer_from_section,
+    shard_batch,
+)
+
+log = logging.getLogger("jopd")
+
+SFT_FIELDS = ("tokens", "response_mask")
+OPD_FIELDS = ("tokens", "response_mask", "teacher_logprobs", "behaviour_logprobs")
+# Step metrics an OPD arm's metrics rows keep (when the step returns them).
+OPD_METRICS = ("loss", "advantage_mean", "reverse_kl", "clip_frac", "grad_norm", "entropy_est", "ratio_mean",
+               "behaviour_ratio_mean", "behaviour_ratio_max", "behaviour_ess", "tis_clip_frac", "kl_ref")
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclasses.dataclass
+class StoreBatches:
+    """Host batches of a store for steps 1..num_steps (an iterator), plus what the loop needs to know.
+
+    ``rows``: rows per global batch (sequences, or packed rows of ``row_len``); ``packed``: batches carry
+    ``segment_ids`` / ``positions``; ``data_iterator``: the Grain iterator whose state checkpoints hold.
+    """
+
+    data_iterator: Any
+    rows: int
+    packed: bool
+    row_len: int
+    describe: Callable[[int], str]
+    _last_rows: list[int] = dataclasses.field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self.data_iterator))
+        if loader.ROW_INDEX in batch:
+            self._last_rows = batch.pop(loader.ROW_INDEX).tolist()
+        return batch
+
+
+def store_batches(store_path: str | Path, *, batch_size: int, token_budget: int | None, row_len: int | None,
+                  seed: int, num_steps: int, fields: Sequence[str], shuffle: bool = True) -> StoreBatches:
+    """The batches of one training loop from a store (see jopd.data.loader for both layouts)."""
+    if token_budget:
+        ds, plan = loader.make_packed_dataset(store_path, token_budget=token_budget, row_len=row_len, seed=seed,
+                                              num_steps=num_steps, shuffle=shuffle, fields=fields)
+        return StoreBatches(iter(ds), plan.rows, True, plan.row_len, lambda step: plan.describe(step - 1))
+    it = loader.make_loader(store_path, global_batch_size=batch_size, seed=seed, shuffle=shuffle, seq_len="auto",
+                            fields=tuple(fields) + (loader.ROW_INDEX,))
+    out = StoreBatches(it, batch_size, False, 0, lambda step: "")
+    out.describe = lambda step: f"store rows {out._last_rows} (this process's)"
+    return out
+
+
+def fixed_batches(store_path: str | Path, *, batch_size: int, fields: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """Every row of a store once, in order, as padded batches of ``batch_size`` (held-out evaluation)."""
+    it = loader.make_loader(store_path, global_batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
+                            drop_remainder=False, seq_len="auto", fields=fields)
+    return [dict(b) for b in it]
+
+
+def process_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of a global host batch (what ``shard_batch`` takes), for batch sources
+    that produce the whole global batch on every process (online OPD's samples)."""
+    n, count, index = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
+    per = n // count
+    return {k: v[index * per:(index + 1) * per] for k, v in batch.items()}
+
+
+def _place(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
+    return functools.partial(shard_batch, mesh=mesh)
+
+
+# ------------------------------------------------------------------------------------------- supervised
+def heldout_loss(eval_fn: Callable, params: Any, batches: Sequence[Mapping[str, np.ndarray]], mesh: Any) -> float:
+    """Token-weighted mean NLL over held-out batches."""
+    total, tokens = 0.0, 0.0
+    for b in batches:
+        m = jax.device_get(eval_fn(params, shard_batch(b, mesh)))
+        total += float(m["nll"]) * float(m["num_tokens"])
+        tokens += float(m["num_tokens"])
+    return total / max(tokens, 1.0)
+
+
+def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, seed: int, ckpt_dir: str | Path,
+               heldout_store: str | Path | None = None, logger: looplib.MetricsLogger | None = None,
+               name: str = "sft", hooks: Sequence[looplib.Hook] = ()) -> tuple[Model, dict[str, Any]]:
+    """Fine-tune ``model`` on a store's response tokens (token-mean cross-entropy); resumable from ``ckpt_dir``.
+
+    ``loop``: a TrainLoop section (steps, batch_size or token_budget/row_len, micro_batch_size, cadences);
+    ``optim``: an OptimSection. The held-out loss (over ``heldout_store``) is evaluated at step 0, every
+    ``loop.eval_every`` steps and at the end. ``hooks`` run after the built-in ones (e.g. a test's crash).
+    Returns the trained model (same config) and a summary.
+    """
+    mesh = model.mesh
+    data = store_batches(train_store, batch_size=loop.batch_size, token_budget=loop.token_budget,
+                         row_len=loop.row_len, seed=seed, num_steps=loop.steps, fields=SFT_FIELDS)
+    optimizer = optimizer_from_section(optim, loop.steps)
+    schedule = lr_schedule(optim.lr, loop.steps, schedule=optim.schedule, warmup_steps=optim.warmup_steps,
+                           min_lr_ratio=optim.min_lr_ratio)
+    state = init_state(model.params, optimizer)
+    step_fn = make_sft_step(model.config, optimizer, mesh=mesh, state=state, batch_size=data.rows,
+                            micro_batch_size=loop.micro_batch_size, packed=data.packed)
+    ckpt = Checkpointer(ckpt_dir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing)
+    resume = looplib.restore(ckpt, state, data_iterator=data.data_iterator)
+    if resume is not None:
+        log.info("%s: resumed from the checkpoint of step %d", name, resume.step)
+
+    all_hooks: list[looplib.Hook] = []
+    if logger is not None:
+        all_hooks.append(looplib.LogMetrics(logger, loop.log_every, keys=("loss", "grad_norm"),
+                                            extra=lambda st: {"lr": float(schedule(st.step - 1))}))
+    held = fixed_batches(heldout_store, batch_size=loop.micro_batch_size or loop.batch_size, fields=SFT_FIELDS) \
+        if heldout_store is not None else []
+    if held:
+        eval_loss = make_eval_loss(model.config, mesh=mesh)
+        all_hooks.append(looplib.Evaluate(
+            lambda st, step: {"heldout_loss": heldout_loss(eval_loss, st.params, held, mesh)}, loop.eval_every,
+            logger, name=name))
+    all_hooks += [looplib.Checkpoint(ckpt, loop.checkpoint_every, data_iterator=data.data_iterator),
+                  looplib.Progress(name), *hooks]
+    final = looplib.run_loop(step_fn, state, data, num_steps=loop.steps, hooks=all_hooks, resume=resume, name=name,
+                             place=_place(mesh), describe_batch=data.describe)
+    extra = final.extra
+    summary = {"steps": loop.steps, "final_loss": final.last_metrics.get("loss"),
+               "final_grad_norm": final.last_metrics.get("grad_norm"),
+               "heldout_loss_initial": extra.get("initial_eval", {}).get("heldout_loss"),
+               "heldout_loss_final": extra.get("last_eval", {}).get("heldout_loss"),
+               "tokens": final.tokens, "train_seconds": final.seconds, "packed": data.packed,
+               "resumed_from_step": resume.step if resume else 0}
+    log.info("%s: done (%d steps, loss %s, held-out %s)", name, loop.steps, summary["final_loss"],
+             summary["heldout_loss_final"])
+    return dataclasses.replace(model, params=final.train_state.params), summary
+
+
+# ------------------------------------------------------------------------------------------------- OPD
+def opd_loss_config(opd: Any) -> OPDLossConfig:
+    """The static loss settings of an OPDSection."""
+    return OPDLossConfig(eps_low=opd.eps_low, eps_high=opd.eps_high, aggregation=opd.aggregation,
+                         normalize_advantages=opd.normalize_advantages, kl_coef=opd.kl_coef, tis_cap=opd.tis_cap)
+
+
+def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Path, packed: bool = False,
+        data_iterator: Any = None, describe_batch: Callable[[int], str] | None = None,
+        batch_phases: Callable[[], Mapping[str, float]] | None = None,
+        evaluate: Callable[[Model], Mapping[str, float]] | None = None,
+        logger: looplib.MetricsLogger | None = None, name: str = "opd",
+        hooks: Sequence[looplib.Hook] = ()) -> tuple[Model, looplib.LoopState]:
+    """Train ``student`` with the OPD step for ``opd.steps`` steps on ``batches`` (``rows`` rows each).
+
+    ``opd``: an OPDSection (loss, optimizer, cadences). ``evaluate(model)``: periodic held-out evaluation (step 0,
+    every ``opd.eval_every``, the end) when ``opd.eval_every > 0``. Resumes from the newest checkpoint in
+    ``ckpt_dir`` (train state, ``data_iterator``'s position, counters). Returns the final model and LoopState.
+    """
+    mesh = student.mesh
+    # The KL reference must be a separate copy: the state's params are donated to (consumed by) each step.
+    ref_params = jax.tree.map(jnp.copy, student.params) if opd.kl_coef > 0 else None
+    optimizer = optimizer_from_section(opd.optim, opd.steps)
+    state = init_state(student.params, optimizer)
+    jitted = make_opd_step(student.config, optimizer, opd_loss_config(opd), mesh=mesh, state=state,
+                           batch_size=rows, micro_batch_size=opd.micro_batch_size, with_behaviour=True,
+                           with_ref=ref_params is not None, packed=packed)
+    step_fn = jitted if ref_params is None else (lambda st, b: jitted(st, b, ref_params))
+    ckpt = Checkpointer(ckpt_dir, keep=opd.keep_checkpoints, async_save=opd.async_checkpointing)
+    resume = looplib.restore(ckpt, state, data_iterator=data_iterator)
+    if resume is not None:
+        log.info("%s: resumed from the checkpoint of step %d", name, resume.step)
+    all_hooks: list[looplib.Hook] = []
+    if logger is not None:
+        all_hooks.append(looplib.LogMetrics(logger, 1, keys=OPD_METRICS, log_every=opd.log_every))
+    if evaluate is not None and opd.eval_every > 0:
+        all_hooks.append(looplib.Evaluate(
+            lambda st, step: {f"eval/{k}": v for k, v in evaluate(dataclasses.replace(student, params=st.params)).items()},
+            opd.eval_every, logger, name=name))
+    all_hooks += [looplib.Checkpoint(ckpt, opd.checkpoint_every, data_iterator=data_iterator),
+                  looplib.Progress(name, show=("loss", "reverse_kl")), *hooks]
+    final = looplib.run_loop(step_fn, state, batches, num_steps=opd.steps, hooks=all_hooks, resume=resume,
+                             name=name, place=_place(mesh), describe_batch=describe_batch, batch_phases=batch_phases)
+    return dataclasses.replace(student, params=final.train_state.params), final
+
+
+def sample_seed(seed: int, step: int) -> int:
+    """The sampling seed of online step ``step``: a hash of (seed, step), so steps draw independent samples."""
+    return int(np.random.SeedSequence([seed, step, 0x0B5]).generate_state(1)[0] % (2**31 - 1))
+
+
+class OnlineBatches(looplib.Hook):
+    """Standard OPD's batches: the next ``batch_size`` prompts, answered by the CURRENT student and scored by a
+    live teacher. Pass it to :func:`opd` as the batches and as a hook (it reads the loop's current params).
+
+    The prompt stream cycles over ``prompts`` with a fresh seeded permutation per pass and sampling seeds derive
+    from (seed, step), so batch s is a function of s: a resumed run needs only the step to continue.
+    ``last_phases``: seconds spent generating (``gen_s``) and scoring (``score_s``) the last batch.
+    """
+
+    def __init__(self, prompts: Sequence[Mapping[str, Any]], student: Model, teacher: Model, *, batch_size: int,
+                 seed: int, sampling: Any, stop_ids: Sequence[int], seq_bucket: int = loader.SEQ_LEN_BUCKET):
+        if not prompts:
+            raise ValueError("online OPD: no prompts")
+        self.prompts, self.student, self.teacher = prompts, student, teacher
+        self.batch_size, self.seed, self.sampling, self.stop_ids = batch_size, seed, sampling, tuple(stop_ids)
+        longest_prompt = max(len(p["prompt_ids"]) for p in prompts)
+        # One static length for every batch: the longest prompt plus a full-length response, rounded up.
+        self.seq_len = round_up(longest_prompt + sampling.max_new_tokens, seq_bucket)
+        self.last_phases: dict[str, float] = {}
+        self._loop: looplib.LoopState | None = None
+
+    def on_start(self, loop: looplib.LoopState) -> None:
+        self._loop = loop
+
+    def prompt_indices(self, step: int) -> list[int]:
+        """Indices of the prompts of step ``step`` (1-based)."""
+        out = []
+        for position in range((step - 1) * self.batch_size, step * self.batch_size):
+            epoch, j = divmod(position, len(self.prompts))
+            perm = np.random.default_rng([self.seed, epoch, 0x0B5]).permutation(len(self.prompts))
+            out.append(int(perm[j]))
+        return out
+
+    def describe(self, step: int) -> str:
+        return f"opd prompt indices {self.prompt_indices(step)}"
+
+    def __iter__(self) -> OnlineBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        step = self._loop.step + 1
+        prompt_ids = [self.prompts[i]["prompt_ids"] for i in self.prompt_indices(step)]
+        sp = self.sampling
+        t0 = time.perf_counter()
+        res = generate(dataclasses.replace(self.student, params=self._loop.train_state.params), prompt_ids,
+                       max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                       eos_token_id=self.stop_ids, seed=sample_seed(self.seed, step - 1), batch_size=self.batch_size)
+        t1 = time.perf_counter()
+        seqs = sequences(prompt_ids, res, self.seq_len)
+        teacher_lp = to_host(token_logprobs(self.teacher, seqs["tokens"], seqs["mask"])).astype(np.float32)
+        self.last_phases = {"gen_s": t1 - t0, "score_s": time.perf_counter() - t1}
+        response = seqs["response_mask"]
+        return process_rows({"tokens": seqs["tokens"], "response_mask": response,
+                             "teacher_logprobs": np.where(response > 0, teacher_lp, np.float32(0)),
+                             "behaviour_logprobs": seqs["behaviour_logprobs"]})
