@@ -57,6 +57,7 @@ class LoopState:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_steps: int = 0
     start_step: int = 0
+    name: str = ""
 
     def counters(self) -> dict[str, Any]:
         """The JSON part of a checkpoint."""
@@ -112,7 +113,7 @@ def run_loop(step_fn: StepFn, train_state: Any, batches: Iterable[Mapping[str, A
       The final LoopState. Raises TrainingError on a non-finite loss or gradient.
     """
     loop = resume or LoopState(step=0, train_state=train_state)
-    loop.num_steps, loop.start_step = num_steps, loop.step
+    loop.num_steps, loop.start_step, loop.name = num_steps, loop.step, name
     it: Iterator[Mapping[str, Any]] = iter(batches)
     try:
         for hook in hooks:

@@ -32,6 +32,7 @@ import jax
 from jopd.config import Config
 from jopd.io import atomic_write_json, read_json
 from jopd.layout import RunLayout
+from jopd.loop import TrainingError
 
 log = logging.getLogger("jopd")
 
@@ -110,10 +111,13 @@ class Run:
     cfg: Config
     layout: RunLayout
     mesh: Any
+    # Extra jopd.loop.Hook objects every training loop of the run also calls (a profiler, a tracker, a
+    # simulated crash); each sees the loop's name in LoopState.name.
+    hooks: tuple[Any, ...] = ()
 
     @classmethod
-    def create(cls, cfg: Config, mesh: Any) -> Run:
-        return cls(cfg, RunLayout.for_config(cfg), mesh)
+    def create(cls, cfg: Config, mesh: Any, hooks: tuple[Any, ...] = ()) -> Run:
+        return cls(cfg, RunLayout.for_config(cfg), mesh, hooks)
 
     @property
     def is_main(self) -> bool:
@@ -195,7 +199,10 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     barrier(f"{stage.name}-start")
     t0 = time.time()
     log.info("stage %s: running", stage.name)
-    outputs = stage.run(run) or {}
+    try:
+        outputs = stage.run(run) or {}
+    except TrainingError as e:
+        raise StageError(str(e)) from e
     seconds = time.time() - t0
     barrier(f"{stage.name}-end")
     if run.is_main:

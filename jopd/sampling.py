@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -32,9 +31,6 @@ from jopd.models.hf import Model
 
 Array = jax.Array
 _NEG = -1e30
-# The decode state is donated so the KV cache is updated in place; its small scalar leaves cannot be reused
-# and XLA says so on every compile.
-warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +140,11 @@ def _prefill(params, tokens, mask, row_ids, base_key, *, config: ModelConfig, ma
 
 
 def _decode(params, state: DecodeState, row_ids, base_key, *, config: ModelConfig, prompt_len: int, max_new: int,
-            sp: SamplingParams, eos_ids: tuple[int, ...]) -> tuple[Array, Array, Array, Array]:
+            sp: SamplingParams, eos_ids: tuple[int, ...]) -> DecodeState:
     """Run the while-loop decode from ``state`` until every row is done or max_new tokens exist.
 
-    Returns tokens ``[B, M]``, logprobs ``[B, M]``, lengths ``[B]``, done ``[B]``.
+    The whole final state is returned, cache included: an output for every donated input buffer is what lets
+    XLA alias them, so the loop updates the cache in place instead of copying it first.
     """
     decoder = Decoder(config)
     w_out = output_kernel(params, config)
@@ -180,8 +177,7 @@ def _decode(params, state: DecodeState, row_ids, base_key, *, config: ModelConfi
             done=done, lengths=st.lengths + active.astype(jnp.int32), step=i + 1,
         )
 
-    st = jax.lax.while_loop(cond, body, state)
-    return st.tokens, st.logprobs, st.lengths, st.done
+    return jax.lax.while_loop(cond, body, state)
 
 
 _COMPILED: dict[Any, tuple[Any, Any]] = {}
@@ -290,7 +286,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         if mesh is not None:
             args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim, rows)) for a in args]
         state = prefill(model.params, *args, base_key)
-        out = sharding.to_host(decode(model.params, state, args[2], base_key))
+        final = decode(model.params, state, args[2], base_key)
+        out = sharding.to_host((final.tokens, final.logprobs, final.lengths, final.done))
         chunks.append(tuple(a[:len(chunk)] for a in out))
     if not chunks:
         return GenerationResult(np.zeros((0, max_new_tokens), np.int32), np.zeros((0, max_new_tokens), np.float32),

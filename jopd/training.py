@@ -165,7 +165,7 @@ def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, 
                "heldout_loss_initial": extra.get("initial_eval", {}).get("heldout_loss"),
                "heldout_loss_final": extra.get("last_eval", {}).get("heldout_loss"),
                "tokens": final.tokens, "train_seconds": final.seconds, "packed": data.packed,
-               "resumed_from_step": resume.step if resume else 0}
+               "resumed_from_step": final.start_step}
     log.info("%s: done (%d steps, loss %s, held-out %s)", name, loop.steps, summary["final_loss"],
              summary["heldout_loss_final"])
     return dataclasses.replace(model, params=final.train_state.params), summary

@@ -118,7 +118,7 @@ def bench_generate(cfg, params, mesh, batches: list[int], prompt_len: int, new_t
             else:
                 t_pre.append(t1 - t0)
                 t_dec.append(t2 - t1)
-        lengths = np.asarray(out[2])[:batch]
+        lengths = np.asarray(out.lengths)[:batch]
         assert (lengths == new_tokens).all(), lengths
         pre, dec = statistics.median(t_pre), statistics.median(t_dec)
         row = dict(section="generate", batch=batch, padded_rows=n_rows, prompt_len=prompt_len,

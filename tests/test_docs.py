@@ -21,3 +21,11 @@ def test_config_reference_is_current():
     for row in config_reference():
         key = row.split("|")[1].strip()
         assert key in doc, f"docs/config.md is missing {key}; run: python -m jopd.config > docs/config.md"
+
+
+def test_example_lightning_loop_runs():
+    """The notebook-level example: a store, the packed Grain loader and the loop, with a resume, no CLI/Config."""
+    src = (ROOT / "docs" / "example_lightning_loop.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", src, re.S))
+    assert "run_loop" in code and "make_packed_dataset" in code
+    exec(compile(code, "docs/example_lightning_loop.md", "exec"), {})

@@ -1,10 +1,8 @@
-"""Evaluation, export and report: jopd.evaluation, jopd.stages.{evaluate,export,report}.
+"""Evaluation and export: jopd.evaluation, jopd.stages.{evaluate,export} (the report: tests/test_report.py).
 
 * reverse KL of a model against itself is 0 (up to fp error), against a different model positive;
 * accuracy counts correct responses (generation replaced by known token ids);
 * the teacher scoring pass is aligned with the response positions;
-* the report of a fabricated run directory shows the computed speed-ups and findings and writes valid PNGs,
-  and says what is missing instead of failing;
 * export round trip: HF directory, transformers loads it, log-probs match jopd's.
 """
 
@@ -23,7 +21,10 @@ from jopd.data import tokenizer as toklib
 from jopd.models import from_params, init_params, save_pretrained, token_logprobs
 from jopd.sampling import GenerationResult
 from jopd.sharding import single_device_mesh
-from jopd.stages.base import RunContext, StageError, atomic_write_json, run_stage
+from jopd.io import atomic_write_json
+from jopd.layout import RunLayout
+from jopd.pipeline import Run, StageError, run_stage
+from jopd.stages import stage
 from jopd.stages.prepare import arch_to_config
 
 
@@ -170,23 +171,6 @@ def test_avg_at_k_accuracy_and_its_standard_error(student, tok):
         evaluation.evaluate_policy(student, rows, tok, max_new_tokens=16, samples_per_prompt=2)
 
 
-def test_report_uses_paired_standard_errors_when_per_prompt_results_exist():
-    from jopd.stages.report import _compare
-
-    rng = np.random.default_rng(0)
-    old = (rng.random(400) < 0.6).astype(float)
-    new = old.copy()
-    flip = rng.choice(np.flatnonzero(old == 0), 24, replace=False)
-    new[flip] = 1.0  # the same prompts plus 24 newly solved ones: a small but consistent gain
-    paired = _compare(new.mean(), old.mean(), 400, new.tolist(), old.tolist())
-    unpaired = _compare(new.mean(), old.mean(), 400)
-    diff = new - old
-    z = diff.mean() / (diff.std(ddof=1) / np.sqrt(400))
-    assert f"{z:.1f} paired standard errors on 400 prompts" in paired and "within noise" not in paired
-    assert "within noise" in unpaired  # the unpaired test cannot see it
-    assert "improved held-out accuracy" in paired
-
-
 # ----------------------------------------------------------------------------------------------- run dirs
 def _config(run_dir: Path, **extra):
     arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
@@ -206,129 +190,30 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _arm_rows(step_s: list[float], accs: list[float], kls: list[float], **phases: float) -> list[dict]:
-    rows, t = [{"step": 0, "eval/accuracy": accs[0], "eval/reverse_kl": kls[0], "time_s": 0.0}], 0.0
-    for i, s in enumerate(step_s, start=1):
-        t += s
-        rows.append({"step": i, "loss": 0.1, "tokens": 100.0, "time_s": t, "step_s": s, **phases})
-    rows.append({"step": len(step_s), "eval/accuracy": accs[1], "eval/reverse_kl": kls[1], "time_s": t})
-    return rows
-
-
-def _fabricate_run(run_dir: Path, *, with_online: bool = True) -> None:
-    """Outputs of every stage before report, with known numbers."""
-    done = {"rollout": {"seconds": 10.0, "outputs": {"response_tokens": 1000}},
-            "precompute": {"seconds": 6.0, "outputs": {"teachers": {
-                "A": {"seconds": 2.0, "response_tokens": 1000}, "B": {"seconds": 2.0, "response_tokens": 1000}}}},
-            "sft": {"seconds": 30.0, "outputs": {"train_seconds": 25.0, "tokens": 5000}},
-            "train": {"seconds": 50.0}, "eval": {"seconds": 5.0}}
-    if with_online:
-        done["online"] = {"seconds": 100.0}
-    for stage, rec in done.items():
-        atomic_write_json(run_dir / stage / "DONE.json", {"fingerprint": f"fp-{stage}", **rec})
-    arms = {"lightning_A": ("lightning", "A", True, 20.0), "lightning_B": ("lightning", "B", False, 21.0)}
-    if with_online:
-        arms["online_A"] = ("online", "A", True, 99.0)
-    for name, (mode, teacher, consistent, secs) in arms.items():
-        (run_dir / "arms" / name / "model").mkdir(parents=True)
-        (run_dir / "arms" / name / "model" / "config.json").write_text("{}")
-        atomic_write_json(run_dir / "arms" / name / "meta.json",
-                          {"mode": mode, "teacher_name": teacher, "consistent_teacher": consistent,
-                           "train_seconds": secs, "tokens": 400.0, "steps": 4})
-    _jsonl(run_dir / "metrics" / "arm_lightning_A.jsonl",
-           _arm_rows([5.0, 0.1, 0.1, 0.1, 0.1], [0.25, 0.5], [0.9, 0.3], data_s=0.01, update_s=0.09))
-    _jsonl(run_dir / "metrics" / "arm_lightning_B.jsonl",
-           _arm_rows([5.0, 0.1, 0.1, 0.1, 0.1], [0.25, 0.125], [0.9, 1.4], data_s=0.01, update_s=0.09))
-    if with_online:
-        _jsonl(run_dir / "metrics" / "arm_online_A.jsonl",
-               _arm_rows([8.0, 0.5, 0.5, 0.5, 0.5], [0.25, 0.5], [0.9, 0.35], gen_s=0.3, score_s=0.1, update_s=0.1))
-    sample = [{"prompt": "Compute 3+4.", "response": "3+4=7\nanswer: 7", "label": "7", "correct": True}]
-    results = {"sft": {"accuracy": 0.25, "reverse_kl": 0.9, "num_prompts": 8, "samples": sample},
-               "teacher:A": {"accuracy": 0.875, "reverse_kl": 0.0, "num_prompts": 8},
-               "arm:lightning_A": {"accuracy": 0.5, "reverse_kl": 0.3, "num_prompts": 8},
-               "arm:lightning_B": {"accuracy": 0.125, "reverse_kl": 1.4, "num_prompts": 8}}
-    if with_online:
-        results["arm:online_A"] = {"accuracy": 0.5, "reverse_kl": 0.35, "num_prompts": 8}
-    atomic_write_json(run_dir / "eval" / "results.json", results)
-
-
-def _is_png(path: Path) -> bool:
-    import matplotlib.image
-
-    if path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
-        return False
-    img = matplotlib.image.imread(str(path))
-    return img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-
-
-def test_report_from_fabricated_run(tmp_path, mesh, capsys):
-    from jopd.stages.report import STAGE
-
-    _fabricate_run(tmp_path)
-    ctx = RunContext(cfg=_config(tmp_path), run_dir=tmp_path, mesh=mesh)
-    summary = run_stage(STAGE, ctx)
-    text = (tmp_path / "report.md").read_text()
-    assert text in capsys.readouterr().out
-    sp = summary["speedups"]["A"]
-    # (a): online 99 s vs rollout 10 + precompute 6 x (2 / 4) + lightning 20 = 33 s.
-    assert sp["lightning_total_s"] == pytest.approx(33.0)
-    assert sp["total_speedup"] == pytest.approx(3.0)
-    # (b): compilation steps (5 s, 8 s) left out: 0.5 / 0.1.
-    assert sp["step_speedup"] == pytest.approx(5.0)
-    assert sp["online_phases"] == pytest.approx({"generate": 0.3, "score": 0.1, "update": 0.1})
-    assert "3.00x" in text and "5.00x" in text
-    assert "| arm lightning_B | lightning OPD | B | **no** | 0.125 |" in text
-    assert "Lightning OPD arm lightning_A (teacher A) improved held-out accuracy from 0.250 to 0.500" in text
-    assert "lightning_B (teacher B, not the SFT-data teacher A) ended worse than" in text
-    assert "no (ablation)" in text
-    plots = sorted((tmp_path / "plots").glob("*.png"))
-    assert [p.name for p in plots] == ["accuracy_vs_step.png", "accuracy_vs_time.png",
-                                       "reverse_kl_vs_step.png", "reverse_kl_vs_time.png"]
-    assert all(_is_png(p) for p in plots)
-
-
-def test_report_says_what_is_missing(tmp_path, mesh):
-    from jopd.stages.report import STAGE
-
-    _fabricate_run(tmp_path, with_online=False)
-    cfg = _config(tmp_path, arms=[{"name": "lightning_A", "mode": "lightning", "teacher": "A"},
-                                  {"name": "lightning_B", "mode": "lightning", "teacher": "B",
-                                   "allow_inconsistent_teacher": True}])
-    (tmp_path / "eval" / "results.json").unlink()
-    summary = STAGE.run(RunContext(cfg=cfg, run_dir=tmp_path, mesh=mesh))
-    text = (tmp_path / "report.md").read_text()
-    assert summary["speedups"] == {}
-    assert "No online OPD arm is configured" in text
-    assert "`eval/results.json` is missing" in text
-    assert "no speed-up to report" in text
-    # Without the eval stage the arms' final accuracies come from their last periodic evaluation.
-    assert "| arm lightning_A | lightning OPD | A | yes | 0.500 |" in text
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+def _run(cfg, mesh) -> Run:
+    return Run(cfg, RunLayout.for_config(cfg), mesh)
 
 
 def test_eval_stage_refuses_missing_requested_models(tmp_path, mesh):
-    from jopd.stages.evaluate import STAGE, models_to_evaluate
+    from jopd.stages.evaluate import inputs, models_to_evaluate
 
-    cfg = _config(tmp_path, eval={"models": ["sft", "arm:online_A"]})
-    ctx = RunContext(cfg=cfg, run_dir=tmp_path, mesh=mesh)
+    ctx = _run(_config(tmp_path, eval={"models": ["sft", "arm:online_A"]}), mesh)
     with pytest.raises(StageError, match=r"sft .*arm:online_A"):
-        STAGE.inputs(ctx)
+        inputs(ctx)
     (tmp_path / "sft" / "model").mkdir(parents=True)
     (tmp_path / "sft" / "model" / "config.json").write_text("{}")
-    all_present = RunContext(cfg=_config(tmp_path), run_dir=tmp_path, mesh=mesh)
+    all_present = _run(_config(tmp_path), mesh)
     assert list(models_to_evaluate(all_present)) == ["sft"]
 
 
 # ----------------------------------------------------------------------------------------------- export
 def test_export_round_trip(tmp_path, tok, student, prompts, mesh):
-    from jopd.stages.export import STAGE
-
     tok_dir = toklib.build_char_tokenizer(tmp_path / "prepare" / "tokenizer")
     save_pretrained(student, tmp_path / "arms" / "lightning_A" / "model", tokenizer_dir=str(tok_dir))
     _jsonl(tmp_path / "prepare" / "prompts" / "eval.jsonl", prompts)
     atomic_write_json(tmp_path / "prepare" / "DONE.json", {"fingerprint": "fp-prepare"})
-    ctx = RunContext(cfg=_config(tmp_path), run_dir=tmp_path, mesh=mesh)
-    summary = run_stage(STAGE, ctx)
+    ctx = _run(_config(tmp_path), mesh)
+    summary = run_stage(stage("export"), ctx)
     out = tmp_path / "export"
     assert summary["arm"] == "lightning_A" and summary["check_rows"] == 2
     assert summary["jopd_vs_source_max_abs_diff"] == 0.0
@@ -343,4 +228,4 @@ def test_export_round_trip(tmp_path, tok, student, prompts, mesh):
         assert summary["transformers_check"] == "passed"
         assert summary["transformers_max_abs_diff"] < 1e-4
     # Up to date: a second run is skipped, not repeated.
-    assert run_stage(STAGE, ctx) == json.loads((out / "DONE.json").read_text())["outputs"]
+    assert run_stage(stage("export"), ctx) == json.loads((out / "DONE.json").read_text())["outputs"]

@@ -140,6 +140,74 @@ def test_aggregate_rejects_unknown_mode_and_bad_shapes():
         aggregate(jnp.zeros((2, 4)), jnp.ones((2, 3)))
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# packed rows (segment ids)
+# ----------------------------------------------------------------------------------------------------------
+def _packed_rows(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """[B, T] segment ids (1..k per row, 0 on trailing padding) and a random response mask inside segments;
+    segment 2 of row 0 has no response token, and padding carries response-mask 1 in row 1 (to be ignored)."""
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        used = T - int(rng.integers(0, 4))
+        cuts = np.sort(rng.choice(np.arange(1, used), size=int(rng.integers(1, 4)), replace=False))
+        seg[b, :used] = np.searchsorted(cuts, np.arange(used), side="right") + 1
+    seg[0] = np.repeat([1, 2, 3, 0], [4, 3, 3, T - 10])
+    m = (rng.random((B, T)) < 0.7) & (seg > 0)
+    m[0, seg[0] == 2] = False
+    seg[1, -2:] = 0
+    m[1, -2:] = True
+    return seg, m.astype(np.float64)
+
+
+def np_packed_seq_mean(x, m, seg) -> tuple[float, int, np.ndarray]:
+    """seq_mean over (row, segment > 0) sequences: value, number of counted sequences, d(value)/dx."""
+    means, lens = [], np.zeros_like(m)
+    for b in range(x.shape[0]):
+        for s in np.unique(seg[b][seg[b] > 0]):
+            sel = seg[b] == s
+            n = m[b, sel].sum()
+            lens[b, sel] = n
+            if n > 0:
+                means.append((x[b, sel] * m[b, sel]).sum() / n)
+    grad = np.where((lens > 0) & (seg > 0), m / np.maximum(lens, 1) / len(means), 0.0)
+    return float(np.mean(means)), len(means), grad
+
+
+def test_packed_seq_mean_matches_numpy_and_accumulates():
+    rng = np.random.default_rng(1)
+    seg, m = _packed_rows(rng)
+    x = rng.normal(size=(B, T))
+    value, count, grad = np_packed_seq_mean(x, m, seg)
+    agg = functools.partial(aggregate, mode="seq_mean", segment_ids=jnp.asarray(seg))
+    np.testing.assert_allclose(float(agg(_j(x), _j(m))), value, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(agg)(_j(x), _j(m))), grad, rtol=1e-5, atol=1e-9)
+    num_tokens, num_seqs = loss_denominators(_j(m), jnp.asarray(seg))
+    assert float(num_seqs) == count and float(num_tokens) == m.sum()
+    # token_mean ignores segments; one segment per row is the unpacked seq_mean
+    np.testing.assert_allclose(float(aggregate(_j(x), _j(m), "token_mean", segment_ids=jnp.asarray(seg))),
+                               np_aggregate(x, m, "token_mean"), rtol=1e-6)
+    ones = jnp.ones((B, T), jnp.int32)
+    np.testing.assert_allclose(float(aggregate(_j(x), _j(m), "seq_mean", segment_ids=ones)),
+                               np_aggregate(x, m, "seq_mean"), rtol=1e-6)
+
+    # micro-batches split rows, never sequences: the summed shares are the full-batch value and gradient
+    def part(v, rows):
+        return sft_loss(v, _j(m[rows]), aggregation="seq_mean", num_tokens=num_tokens, num_seqs=num_seqs,
+                        segment_ids=jnp.asarray(seg[rows]))[0]
+
+    rows = (slice(0, 4), slice(4, B))
+    shares = [jax.value_and_grad(part)(_j(-x[r]), r) for r in rows]
+    np.testing.assert_allclose(sum(float(s[0]) for s in shares), value, rtol=1e-5)
+    np.testing.assert_allclose(-np.concatenate([np.asarray(s[1]) for s in shares]), grad, rtol=1e-5, atol=1e-9)
+    _, metrics = opd_loss(_j(x), _j(x + 1.0), _j(m), segment_ids=jnp.asarray(seg))
+    assert float(metrics["num_seqs"]) == count
+
+
+def test_segment_ids_shape_is_checked():
+    with pytest.raises(ValueError, match="segment_ids"):
+        aggregate(jnp.zeros((2, 3)), jnp.ones((2, 3)), "seq_mean", segment_ids=jnp.ones((2, 4), jnp.int32))
+
 # ----------------------------------------------------------------------------------------------------------
 # opd_loss values
 # ----------------------------------------------------------------------------------------------------------

@@ -112,9 +112,8 @@ def test_greedy_matches_transformers(loaded, case, mesh):
     prompts = gen_prompts(ref)
     assert len({len(p) for p in prompts}) == len(prompts)
     out = generate(loaded.model(case, mesh), prompts, max_new_tokens=32)
-    assert out.ended_with_eos == [False] * len(prompts)
+    assert not out.ended_with_eos.any() and out.lengths.tolist() == [32] * len(prompts)
     for i, toks in enumerate(out.tokens):
-        assert len(toks) == 32
         n = compare_len(ref["gen_logits_margin"][i])
         assert n >= 24, f"prompt {i}: reference near-tie at step {n}"
         np.testing.assert_array_equal(np.asarray(toks[:n]), ref["gen_tokens"][i, :n], err_msg=f"prompt {i}")

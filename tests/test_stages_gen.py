@@ -10,6 +10,7 @@ by `run_stage`. Checked: exact ids from the sampler end up on disk, stored rows 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import shutil
@@ -26,9 +27,12 @@ from jopd.data.store import RolloutStore, StoreCorruptError
 from jopd.models import from_params, hidden_states, init_params, save_pretrained, token_logprobs
 from jopd.sampling import generate
 from jopd.sharding import MeshConfig, make_mesh
-from jopd.stages import precompute, rollout, teacher_data
-from jopd.stages.base import RunContext, Stage, StageError, atomic_write_json, read_json, run_stage
-from jopd.stages.prepare import arch_to_config, read_prompts
+from jopd.io import atomic_write_json, read_json, read_jsonl
+from jopd.layout import RunLayout
+from jopd.pipeline import Run, Stage, StageError, derive_seed, run_stage, store_fingerprint
+from jopd.stages import stage as stage_named
+from jopd.stages import teacher_data
+from jopd.stages.prepare import arch_to_config
 
 ARCH = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
         "num_kv_heads": 1, "head_dim": 16, "max_position_embeddings": 128, "tie_word_embeddings": False}
@@ -48,7 +52,7 @@ BASE_DATA: dict[str, Any] = {
 }
 # One mesh object for every context: compiled programs are cached per mesh, so tests share compilations.
 MESH = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, expert=1), devices=jax.devices()[:1])
-GEN_STAGES = (teacher_data.STAGE, rollout.STAGE, precompute.STAGE)
+GEN_STAGES = tuple(stage_named(n) for n in ("teacher_data", "rollout", "precompute"))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -58,9 +62,17 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def make_ctx(run_dir: Path, **over: Any) -> RunContext:
+def make_ctx(run_dir: Path, **over: Any) -> Run:
     cfg = load_config(data=_merge({**BASE_DATA, "run_dir": str(run_dir)}, over))
-    return RunContext(cfg=cfg, run_dir=run_dir, mesh=MESH)
+    return Run(cfg, RunLayout.for_config(cfg), MESH)
+
+
+def read_prompts(ctx: Run, split: str) -> list[dict[str, Any]]:
+    return read_jsonl(ctx.layout.prompts(split))
+
+
+def teacher_fp(ctx: Run, name: str) -> str:
+    return ctx.fingerprint(ctx.layout.teacher(name))
 
 
 _BASE_PARAMS: dict[Any, Any] = {}
@@ -71,7 +83,7 @@ def _hidden(params, config, tokens):
     return hidden_states(params, config, tokens)
 
 
-def _save_random_model(ctx: RunContext, out_dir: Path, seed: int) -> None:
+def _save_random_model(ctx: Run, out_dir: Path, seed: int) -> None:
     """A random model whose stop id comes up now and then (so both EOS and truncated rows occur)."""
     mcfg = arch_to_config(ctx.cfg.student.init, ctx.tokenizer, ctx.cfg.precision)
     if mcfg not in _BASE_PARAMS:  # one init compile; models differ by the noise added below
@@ -88,45 +100,32 @@ def _save_random_model(ctx: RunContext, out_dir: Path, seed: int) -> None:
     mean_logits[eos] = -np.inf
     head[:, eos] = head[:, int(np.argmax(mean_logits))] * 0.9
     params = {**params, "lm_head": head}
-    save_pretrained(from_params(mcfg, params, mesh=ctx.mesh), out_dir, tokenizer_dir=str(ctx.tokenizer_dir()))
+    save_pretrained(from_params(mcfg, params, mesh=ctx.mesh), out_dir, tokenizer_dir=str(ctx.layout.tokenizer))
 
 
-class FakePrepare(Stage):
+def _fake_prepare(ctx: Run) -> dict[str, Any]:
     """Writes what `prepare` would: tokenizer, prompt splits, two random-init teachers."""
-
-    name = "prepare"
-
-    def inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"prompts": PROMPTS, "arch": ARCH}
-
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        sdir = ctx.stage_dir(self.name)
-        toklib.build_char_tokenizer(sdir / "tokenizer")
-        tok = ctx.tokenizer
-        for split, texts in PROMPTS.items():
-            rows = [{"prompt": t, "label": str(eval(t)), "prompt_ids": toklib.encode_chat_prompt(tok, t)}
-                    for t in texts]
-            (sdir / "prompts").mkdir(parents=True, exist_ok=True)
-            (sdir / "prompts" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for i, name in enumerate(ctx.cfg.teachers):
-            _save_random_model(ctx, ctx.teacher_dir(name), seed=10 + i)
-        return {}
+    toklib.build_char_tokenizer(ctx.layout.built_tokenizer)
+    tok = ctx.tokenizer
+    for split, texts in PROMPTS.items():
+        rows = [{"prompt": t, "label": str(eval(t)), "prompt_ids": toklib.encode_chat_prompt(tok, t)} for t in texts]
+        ctx.layout.prompts(split).parent.mkdir(parents=True, exist_ok=True)
+        ctx.layout.prompts(split).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i, name in enumerate(ctx.cfg.teachers):
+        _save_random_model(ctx, ctx.layout.teacher(name), seed=10 + i)
+    return {}
 
 
-class FakeSFT(Stage):
+def _fake_sft(ctx: Run) -> dict[str, Any]:
     """Writes what `sft` would: sft/model (here a random init) and the SFT teacher's fingerprint."""
+    _save_random_model(ctx, ctx.layout.sft_model, seed=20)
+    fp = teacher_fp(ctx, ctx.cfg.sft_teacher)
+    atomic_write_json(ctx.layout.sft_meta, {"sft_teacher_name": ctx.cfg.sft_teacher, "sft_teacher_fingerprint": fp})
+    return {"sft_teacher_fingerprint": fp}
 
-    name = "sft"
 
-    def inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return {"prepare": ctx.upstream("prepare")}
-
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        _save_random_model(ctx, ctx.sft_model_dir(), seed=20)
-        fp = ctx.teacher_fingerprint(ctx.cfg.sft_teacher)
-        atomic_write_json(ctx.stage_dir("sft") / "meta.json", {"sft_teacher_name": ctx.cfg.sft_teacher,
-                                                               "sft_teacher_fingerprint": fp})
-        return {"sft_teacher_fingerprint": fp}
+FAKE_PREPARE = Stage("prepare", lambda ctx: {"prompts": PROMPTS, "arch": ARCH}, _fake_prepare)
+FAKE_SFT = Stage("sft", lambda ctx: {"prepare": ctx.upstream("prepare")}, _fake_sft)
 
 
 def _stage_files(stage_dir: Path) -> dict[str, bytes]:
@@ -135,18 +134,18 @@ def _stage_files(stage_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("STARTED.json", "DONE.json")}
 
 
-def _copy_run(src: RunContext, dst: Path, stages: tuple[str, ...]) -> None:
+def _copy_run(src: Run, dst: Path, stages: tuple[str, ...]) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for s in stages:
-        shutil.copytree(src.stage_dir(s), dst / s)
+        shutil.copytree(src.layout.stage(s), dst / s)
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> RunContext:
+def base(tmp_path_factory) -> Run:
     """A run with fake prepare/sft and the three generation stages run uninterrupted."""
     ctx = make_ctx(tmp_path_factory.mktemp("run"))
-    run_stage(FakePrepare(), ctx)
-    run_stage(FakeSFT(), ctx)
+    run_stage(FAKE_PREPARE, ctx)
+    run_stage(FAKE_SFT, ctx)
     for stage in GEN_STAGES:
         run_stage(stage, ctx)
     return ctx
@@ -156,21 +155,22 @@ def base(tmp_path_factory) -> RunContext:
 def test_teacher_data_writes_the_samplers_exact_ids(base):
     ctx = base
     s = ctx.cfg.teacher_data
-    sdir = ctx.stage_dir("teacher_data")
+    sdir = ctx.layout.stage("teacher_data")
     rows = [json.loads(line) for line in (sdir / "sft.jsonl").read_text().splitlines()]
     prompts = read_prompts(ctx, "sft")
     assert [r["prompt_ids"] for r in rows] == [p["prompt_ids"] for p in prompts]
     assert set(rows[0]) == {"prompt", "label", "prompt_ids", "response_ids", "response_text", "ended_with_eos"}
 
-    teacher = ctx.load_model(ctx.teacher_dir("A"))
-    eos = teacher_data.stop_ids(ctx.tokenizer, teacher.config)
+    teacher = ctx.load_model(ctx.layout.teacher("A"))
+    eos = toklib.stop_ids(ctx.tokenizer, teacher.config)
     assert toklib.end_of_turn_id(ctx.tokenizer) in eos
     for part, lo in enumerate(range(0, len(prompts), s.batch_size)):
         chunk = prompts[lo:lo + s.batch_size]
         res = generate(teacher, [p["prompt_ids"] for p in chunk], max_new_tokens=s.max_new_tokens,
                        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_token_id=eos,
-                       seed=teacher_data.derive_seed(s.seed, part), batch_size=s.batch_size)
-        for r, ids, e in zip(rows[lo:lo + s.batch_size], res.tokens, res.ended_with_eos):
+                       seed=derive_seed(s.seed, part), batch_size=s.batch_size)
+        for j, (r, e) in enumerate(zip(rows[lo:lo + s.batch_size], res.ended_with_eos)):
+            ids = res.response(j)
             assert r["response_ids"] == ids and r["ended_with_eos"] == e
             assert r["response_text"] == ctx.tokenizer.decode(ids, skip_special_tokens=True)
             assert (ids[-1] in eos) == e and (e or len(ids) == s.max_new_tokens)
@@ -178,7 +178,7 @@ def test_teacher_data_writes_the_samplers_exact_ids(base):
     assert len({tuple(r["response_ids"]) for r in rows}) == len(rows)
 
     meta = read_json(sdir / "meta.json")
-    assert meta["teacher_name"] == "A" and meta["teacher_fingerprint"] == ctx.teacher_fingerprint("A")
+    assert meta["teacher_name"] == "A" and meta["teacher_fingerprint"] == teacher_fp(ctx, "A")
     assert meta["tokenizer_fingerprint"] == toklib.tokenizer_fingerprint(ctx.tokenizer)
     out = read_json(sdir / "DONE.json")["outputs"]
     assert out["num_rows"] == len(prompts) and out["teacher_fingerprint"] == meta["teacher_fingerprint"]
@@ -189,7 +189,7 @@ def test_teacher_data_writes_the_samplers_exact_ids(base):
 def test_rollout_store_holds_the_generated_rows(base):
     ctx = base
     r = ctx.cfg.rollout
-    store = RolloutStore.open(ctx.stage_dir("rollout") / "store")
+    store = RolloutStore.open(ctx.layout.stage("rollout") / "store")
     prompts = read_prompts(ctx, "opd")
     spp = r.samples_per_prompt
     assert store.num_rows == len(prompts) * spp
@@ -198,11 +198,11 @@ def test_rollout_store_holds_the_generated_rows(base):
     assert attrs["kind"] == "rollout" and attrs["prompt_split"] == "opd"
     assert attrs["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 10, "seed": 5,
                                  "samples_per_prompt": 2}
-    assert attrs["policy_fingerprint"] == ctx.model_fingerprint(ctx.sft_model_dir())
-    assert attrs["sft_teacher_fingerprint"] == ctx.teacher_fingerprint("A")
+    assert attrs["policy_fingerprint"] == ctx.fingerprint(ctx.layout.sft_model)
+    assert attrs["sft_teacher_fingerprint"] == teacher_fp(ctx, "A")
     assert attrs["tokenizer_fingerprint"] == toklib.tokenizer_fingerprint(ctx.tokenizer)
 
-    policy = ctx.load_model(ctx.sft_model_dir())
+    policy = ctx.load_model(ctx.layout.sft_model)
     eos = tuple(attrs["stop_ids"])
     all_eos = []
     for c in range(store.num_chunks):
@@ -213,8 +213,9 @@ def test_rollout_store_holds_the_generated_rows(base):
         np.testing.assert_array_equal(rows["sample_index"], np.arange(lo, hi) % spp)
         res = generate(policy, [prompts[i]["prompt_ids"] for i in p_idx], max_new_tokens=r.max_new_tokens,
                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_token_id=eos,
-                       seed=teacher_data.derive_seed(r.seed, c), batch_size=r.batch_size)
-        for i, (ids, lps, e) in enumerate(zip(res.tokens, res.logprobs, res.ended_with_eos)):
+                       seed=derive_seed(r.seed, c), batch_size=r.batch_size)
+        for i, e in enumerate(res.ended_with_eos):
+            ids, lps = res.response(i), res.logprobs[i, :res.lengths[i]]
             plen, rlen = int(rows["prompt_len"][i]), int(rows["response_len"][i])
             assert plen == len(prompts[p_idx[i]]["prompt_ids"]) and rlen == len(ids)
             assert rows["tokens"][i, :plen].tolist() == prompts[p_idx[i]]["prompt_ids"]
@@ -225,7 +226,7 @@ def test_rollout_store_holds_the_generated_rows(base):
             assert bool(rows["ended_with_eos"][i]) == e and bool(rows["truncated"][i]) == (not e)
             all_eos.append(e)
     assert any(all_eos) and not all(all_eos)  # both kinds of rows are exercised
-    out = read_json(ctx.stage_dir("rollout") / "DONE.json")["outputs"]
+    out = read_json(ctx.layout.stage("rollout") / "DONE.json")["outputs"]
     assert out["rows"] == store.num_rows and out["eos_rate"] == pytest.approx(np.mean(all_eos))
     assert out["truncation_rate"] == pytest.approx(1 - np.mean(all_eos))
 
@@ -233,40 +234,40 @@ def test_rollout_store_holds_the_generated_rows(base):
 # ------------------------------------------------------------------------------------------------- precompute
 def test_precompute_stores_teacher_logprobs_of_the_rollouts(base):
     ctx = base
-    src = RolloutStore.open(ctx.stage_dir("rollout") / "store")
+    src = RolloutStore.open(ctx.layout.stage("rollout") / "store")
     src_rows = src.read_rows(range(src.num_rows), src.group_fields("rollout"))
     for name in ("A", "B"):
-        store = RolloutStore.open(ctx.stage_dir("precompute") / name / "store")
+        store = RolloutStore.open(ctx.layout.stage("precompute") / name / "store")
         assert store.verify() == {"rollout": store.num_chunks, "teacher": store.num_chunks}
         attrs = store.attrs
-        assert attrs["teacher_name"] == name and attrs["teacher_fingerprint"] == ctx.teacher_fingerprint(name)
+        assert attrs["teacher_name"] == name and attrs["teacher_fingerprint"] == teacher_fp(ctx, name)
         assert attrs["source_store"] == "rollout/store" and attrs["logprob_temperature"] == 1.0
-        assert attrs["source_store_fingerprint"] == precompute.store_fingerprint(src.path)
+        assert attrs["source_store_fingerprint"] == store_fingerprint(src.path)
         assert attrs["teacher_tokenizer_fingerprint"] == src.attrs["tokenizer_fingerprint"]
         assert attrs["topk"] == 0 and attrs["sampling"] == src.attrs["sampling"]
         rows = store.read_rows(range(store.num_rows))
         for field, value in src_rows.items():
             np.testing.assert_array_equal(rows[field], value)
-        teacher = ctx.load_model(ctx.teacher_dir(name))
+        teacher = ctx.load_model(ctx.layout.teacher(name))
         real = (np.arange(store.max_len)[None] < (rows["prompt_len"] + rows["response_len"])[:, None])
         expected = np.asarray(token_logprobs(teacher, rows["tokens"], real.astype(np.int32)))
         expected = np.where(rows["response_mask"].astype(bool), expected, 0)
         np.testing.assert_allclose(rows["teacher_logprobs"], expected, rtol=1e-5, atol=1e-5)
-        out = read_json(ctx.stage_dir("precompute") / "DONE.json")["outputs"]["teachers"][name]
+        out = read_json(ctx.layout.stage("precompute") / "DONE.json")["outputs"]["teachers"][name]
         assert out["response_tokens"] == int(rows["response_mask"].sum())
         assert out["mean_teacher_logprob"] == pytest.approx(float(expected[rows["response_mask"] == 1].mean()),
                                                             rel=1e-5)
-    a = RolloutStore.open(ctx.stage_dir("precompute") / "A" / "store").read_rows(range(12), ["teacher_logprobs"])
-    b = RolloutStore.open(ctx.stage_dir("precompute") / "B" / "store").read_rows(range(12), ["teacher_logprobs"])
+    a = RolloutStore.open(ctx.layout.stage("precompute") / "A" / "store").read_rows(range(12), ["teacher_logprobs"])
+    b = RolloutStore.open(ctx.layout.stage("precompute") / "B" / "store").read_rows(range(12), ["teacher_logprobs"])
     assert not np.allclose(a["teacher_logprobs"], b["teacher_logprobs"])  # each teacher really scored
 
 
 def test_precompute_topk(base, tmp_path):
     ctx = make_ctx(tmp_path, precompute={"teachers": ["A"], "topk": 3}, arms=[{"name": "l", "teacher": "A"}])
     _copy_run(base, tmp_path, ("prepare", "sft", "teacher_data", "rollout"))
-    run_stage(precompute.STAGE, ctx)
+    run_stage(stage_named("precompute"), ctx)
     store = RolloutStore.open(tmp_path / "precompute" / "A" / "store")
-    ref_store = RolloutStore.open(base.stage_dir("precompute") / "A" / "store")
+    ref_store = RolloutStore.open(base.layout.stage("precompute") / "A" / "store")
     ref = ref_store.read_rows(range(12), ["teacher_logprobs"])
     rows = store.read_rows(range(store.num_rows))
     assert store.topk == 3 and store.attrs["topk"] == 3
@@ -314,18 +315,18 @@ def test_interrupted_stages_resume_byte_identical(base, tmp_path, monkeypatch):
     # (what crashes, after how many calls, finished units on disk then); units: parts, or chunk markers of every
     # group of every store of the stage. 2 teacher_data parts; 3 rollout chunks; 2 stores x 2 groups x 3 chunks.
     crashes = {
-        "teacher_data": [(teacher_data, "_write_part", 1, 1)],
+        "teacher_data": [(teacher_data, "atomic_write_jsonl", 1, 1)],
         "rollout": [(RolloutStore, "write_rollout_chunk", 1, 1)],
         # A crash while copying teacher A's rollout group, then one while scoring teacher B (A is then done).
         "precompute": [(RolloutStore, "write_rollout_chunk", 2, 2),
                        (RolloutStore, "write_teacher_chunk", 4, 3 + 3 + 3 + 1)],
     }
     total = {"teacher_data": 2, "rollout": 3, "precompute": 12}
-    resume_method = {"teacher_data": (teacher_data, "_write_part"),
+    resume_method = {"teacher_data": (teacher_data, "atomic_write_jsonl"),
                      "rollout": (RolloutStore, "write_rollout_chunk"),
                      "precompute": (RolloutStore, "write_teacher_chunk")}
     for stage in GEN_STAGES:
-        sdir = ctx.stage_dir(stage.name)
+        sdir = ctx.layout.stage(stage.name)
         for owner, method, n, units in crashes[stage.name]:
             with monkeypatch.context() as m:
                 _crash_after(m, owner, method, n)
@@ -342,11 +343,11 @@ def test_interrupted_stages_resume_byte_identical(base, tmp_path, monkeypatch):
             assert calls["n"] == total[stage.name] - done_before + (stage.name == "teacher_data")
         else:
             assert calls["n"] == 2  # B's two unscored chunks
-        got, want = _stage_files(sdir), _stage_files(base.stage_dir(stage.name))
+        got, want = _stage_files(sdir), _stage_files(base.layout.stage(stage.name))
         assert sorted(got) == sorted(want)
         for rel in want:
             assert got[rel] == want[rel], f"{stage.name}/{rel} differs after resuming"
-        assert read_json(sdir / "DONE.json")["fingerprint"] == read_json(base.stage_dir(stage.name) / "DONE.json")[
+        assert read_json(sdir / "DONE.json")["fingerprint"] == read_json(base.layout.stage(stage.name) / "DONE.json")[
             "fingerprint"]
 
 
@@ -354,19 +355,19 @@ def test_interrupted_stages_resume_byte_identical(base, tmp_path, monkeypatch):
 def test_teacher_with_another_tokenizer_is_refused(base, tmp_path):
     ctx = make_ctx(tmp_path)
     _copy_run(base, tmp_path, ("prepare", "sft", "teacher_data", "rollout"))
-    teacher_b = ctx.teacher_dir("B")
+    teacher_b = ctx.layout.teacher("B")
     toklib.build_char_tokenizer(teacher_b, extra_chars="§")  # id 100 exists in B's vocabulary only
     with pytest.raises(StageError) as e:
-        run_stage(precompute.STAGE, ctx)
+        run_stage(stage_named("precompute"), ctx)
     msg = str(e.value)
-    assert "teacher 'B'" in msg and str(teacher_b) in msg and str(ctx.tokenizer_dir()) in msg
+    assert "teacher 'B'" in msg and str(teacher_b) in msg and str(ctx.layout.tokenizer) in msg
     assert not (tmp_path / "precompute" / "B" / "store").exists()
 
 
 def test_corrupted_chunks_are_detected(base, tmp_path):
     # A damaged teacher chunk in a finished store: verify names it.
     store_dir = tmp_path / "store"
-    shutil.copytree(base.stage_dir("precompute") / "A" / "store", store_dir)
+    shutil.copytree(base.layout.stage("precompute") / "A" / "store", store_dir)
     chunk = store_dir / "teacher_logprobs" / "c" / "1" / "0"
     raw = bytearray(chunk.read_bytes())
     raw[-5] ^= 0xFF
@@ -380,22 +381,22 @@ def test_corrupted_chunks_are_detected(base, tmp_path):
     tokens_chunk = tmp_path / "run" / "rollout" / "store" / "tokens" / "c" / "2" / "0"
     tokens_chunk.unlink()
     with pytest.raises(StageError, match="unusable"):
-        run_stage(precompute.STAGE, ctx)
+        run_stage(stage_named("precompute"), ctx)
 
 
-def test_finished_stages_are_skipped(base, monkeypatch):
-    for stage in GEN_STAGES:
-        monkeypatch.setattr(stage, "run", lambda ctx: pytest.fail("a finished stage ran again"))
-        before = _stage_files(base.stage_dir(stage.name))
+def test_finished_stages_are_skipped(base):
+    for real in GEN_STAGES:
+        stage = dataclasses.replace(real, run=lambda ctx: pytest.fail("a finished stage ran again"))
+        before = _stage_files(base.layout.stage(stage.name))
         out = run_stage(stage, base)
-        assert out == read_json(base.stage_dir(stage.name) / "DONE.json")["outputs"]
-        assert _stage_files(base.stage_dir(stage.name)) == before
+        assert out == read_json(base.layout.stage(stage.name) / "DONE.json")["outputs"]
+        assert _stage_files(base.layout.stage(stage.name)) == before
 
 
 def test_changed_sampling_settings_are_refused(base):
-    ctx = make_ctx(base.run_dir, rollout={"temperature": 0.5})
-    done = (base.stage_dir("rollout") / "DONE.json").read_bytes()
+    ctx = make_ctx(base.layout.root, rollout={"temperature": 0.5})
+    done = (base.layout.stage("rollout") / "DONE.json").read_bytes()
     with pytest.raises(StageError, match="temperature") as e:
-        run_stage(rollout.STAGE, ctx)
+        run_stage(stage_named("rollout"), ctx)
     assert "refusing to mix" in str(e.value)
-    assert (base.stage_dir("rollout") / "DONE.json").read_bytes() == done
+    assert (base.layout.stage("rollout") / "DONE.json").read_bytes() == done

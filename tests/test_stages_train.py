@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +15,18 @@ import jax
 import numpy as np
 import pytest
 
-from jopd import sharding
+from jopd import sharding, training
 from jopd.config import ArchSection, OptimSection, PrecisionSection, TrainLoop, load_config
 from jopd.data import tokenizer as toklib
-from jopd.data.store import RolloutStore
+from jopd.data.store import RolloutStore, write_sequences
+from jopd.io import atomic_write_json, read_json
+from jopd.layout import RunLayout
+from jopd.loop import Hook, MetricsLogger
 from jopd.models import from_params, init_params, load_pretrained, save_pretrained
-from jopd.stages import sft as sft_mod
+from jopd.pipeline import Run, StageError, run_stage
+from jopd.stages import online as online_mod
+from jopd.stages import stage
 from jopd.stages import train as train_mod
-from jopd.stages.base import RunContext, StageError, atomic_write_json, read_json, run_stage
 from jopd.stages.prepare import arch_to_config
 
 ARCH = ArchSection(model_type="qwen3", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
@@ -34,6 +36,17 @@ N_ROWS, MAX_LEN, RPC = 16, 64, 8
 
 class Interrupt(RuntimeError):
     pass
+
+
+class InterruptAt(Hook):
+    """Simulates a crash right after step ``step`` (and its checkpoint, when one is due) of any loop."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, loop, row) -> None:
+        if loop.step == self.step:
+            raise Interrupt
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +124,7 @@ def _write_store(path: Path, vocab: int, attrs: dict[str, Any], seed: int = 0) -
         store.write_teacher_chunk(c, -rng.random((n, MAX_LEN)) * 3 - 0.1)
 
 
-def make_run(root: Path, assets: Path, mesh, arms: list[dict[str, Any]], **opd: Any) -> RunContext:
+def make_run(root: Path, assets: Path, mesh, arms: list[dict[str, Any]], **opd: Any) -> Run:
     """A run directory with prepare / teacher_data / sft / precompute outputs fabricated."""
     run_dir = root / "run"
     prep = run_dir / "prepare"
@@ -120,17 +133,18 @@ def make_run(root: Path, assets: Path, mesh, arms: list[dict[str, Any]], **opd: 
         shutil.copytree(assets / name, prep / "teachers" / name)
     shutil.copytree(assets / "student", prep / "student_base")
     shutil.copytree(assets / "student", run_dir / "sft" / "model")
-    ctx = RunContext(cfg=_config(run_dir, arms, **opd), run_dir=run_dir, mesh=mesh)
+    cfg = _config(run_dir, arms, **opd)
+    ctx = Run(cfg, RunLayout.for_config(cfg), mesh)
     tok = ctx.tokenizer
     for split, n in (("opd", 12), ("eval", 4)):
         rows = [{"prompt": f"{i}+{i + 1}", "label": str(2 * i + 1),
                  "prompt_ids": toklib.encode_chat_prompt(tok, f"{i}+{i + 1}")} for i in range(n)]
         (prep / "prompts").mkdir(parents=True, exist_ok=True)
         (prep / "prompts" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fp_a = ctx.teacher_fingerprint("A")
+    fp_a = ctx.fingerprint(ctx.layout.teacher("A"))
     tok_fp = toklib.tokenizer_fingerprint(tok)
     sft_out = {"sft_teacher_name": "A", "sft_teacher_fingerprint": fp_a,
-               "model_fingerprint": ctx.model_fingerprint(ctx.sft_model_dir())}
+               "model_fingerprint": ctx.fingerprint(ctx.layout.sft_model)}
     atomic_write_json(run_dir / "sft" / "meta.json", sft_out)
     for stage, outputs in (("prepare", {}), ("teacher_data", {"teacher_name": "A", "teacher_fingerprint": fp_a}),
                            ("sft", sft_out), ("precompute", {})):
@@ -139,33 +153,20 @@ def make_run(root: Path, assets: Path, mesh, arms: list[dict[str, Any]], **opd: 
     vocab = len(tok)
     for i, name in enumerate(("A", "B")):
         _write_store(run_dir / "precompute" / name / "store", vocab,
-                     {"kind": "rollout", "teacher_name": name, "teacher_fingerprint": ctx.teacher_fingerprint(name),
+                     {"kind": "rollout", "teacher_name": name,
+                      "teacher_fingerprint": ctx.fingerprint(ctx.layout.teacher(name)),
                       "tokenizer_fingerprint": tok_fp, "sft_teacher_fingerprint": fp_a,
                       "logprob_temperature": 1.0, "topk": 0}, seed=i)
     return ctx
 
 
-def arm_params(ctx: RunContext, arm: str) -> dict:
-    return jax.device_get(load_pretrained(ctx.arm_dir(arm) / "model", mesh=ctx.mesh).params)
+def arm_params(ctx: Run, arm: str) -> dict:
+    return jax.device_get(load_pretrained(ctx.layout.arm_model(arm), mesh=ctx.mesh).params)
 
 
-def metric_rows(ctx: RunContext, name: str) -> list[dict[str, Any]]:
-    path = ctx.run_dir / "metrics" / f"{name}.jsonl"
+def metric_rows(ctx: Run, name: str) -> list[dict[str, Any]]:
+    path = ctx.layout.metrics(name)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def fake_evaluation(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Install a stand-in ``jopd.evaluation`` (written elsewhere) that records its calls."""
-    calls: list[int] = []
-
-    def evaluate_policy(model, prompts, tokenizer, *, max_new_tokens, temperature=0.0, samples_per_prompt=1,
-                        top_p=1.0, batch_size=64, seed=0, kl_teacher=None, kl_samples=1):
-        assert prompts and "prompt_ids" in prompts[0] and kl_teacher is not None
-        calls.append(len(prompts))
-        return {"accuracy": 0.25, "reverse_kl": 1.5, "mean_response_len": 3.0, "eos_rate": 1.0}
-
-    monkeypatch.setitem(sys.modules, "jopd.evaluation", types.SimpleNamespace(evaluate_policy=evaluate_policy))
-    return calls
 
 
 LIGHT = [{"name": "light", "mode": "lightning", "teacher": "A"}]
@@ -181,69 +182,64 @@ def _toy_examples(tok: Any, n: int, seed: int) -> list[tuple[list[int], list[int
     return out
 
 
-def _sft_ctx(tmp_path: Path, assets: Path, mesh) -> tuple[RunContext, Any]:
-    ctx = RunContext(cfg=_config(tmp_path / "run", LIGHT), run_dir=tmp_path / "run", mesh=mesh)
-    tok = toklib.load_tokenizer(str(assets / "tokenizer"))
-    return ctx, tok
-
-
-def test_train_supervised_learns_and_resumes_identically(tmp_path: Path, assets: Path, mesh, monkeypatch) -> None:
-    ctx, tok = _sft_ctx(tmp_path, assets, mesh)
+def _supervised_data(tmp_path: Path, tok: Any) -> tuple[Path, Path]:
     examples = _toy_examples(tok, 96, 0)
-    loop = TrainLoop(steps=40, batch_size=8, micro_batch_size=4, checkpoint_every=10, keep_checkpoints=2,
-                     eval_every=20, log_every=5)
+    train, held = examples[:86], examples[86:]
+    write_sequences(tmp_path / "train_store", [p for p, _ in train], [r for _, r in train], rows_per_chunk=32)
+    write_sequences(tmp_path / "held_store", [p for p, _ in held], [r for _, r in held])
+    return tmp_path / "train_store", tmp_path / "held_store"
 
-    def run(work: str) -> tuple[dict, dict]:
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_supervised_learns_and_resumes_identically(tmp_path: Path, assets: Path, mesh, packed: bool) -> None:
+    tok = toklib.load_tokenizer(str(assets / "tokenizer"))
+    train_store, held_store = _supervised_data(tmp_path, tok)
+    # Packed: 4 rows of 64 token slots per step (several sequences each) instead of 8 padded sequences.
+    loop = TrainLoop(steps=40, batch_size=8, micro_batch_size=2 if packed else 4, checkpoint_every=10,
+                     keep_checkpoints=2, eval_every=20, log_every=5, token_budget=256 if packed else None,
+                     row_len=64 if packed else None)
+
+    def run(work: str, hooks=()) -> tuple[dict, dict]:
         model = load_pretrained(assets / "student", mesh=mesh)
-        out, summary = sft_mod.train_supervised(ctx, name=work, model=model, examples=examples, loop=loop,
-                                                optim=OptimSection(lr=1e-2, warmup_steps=4),
-                                                work_dir=tmp_path / work, holdout_fraction=0.1, seed=0)
+        out, summary = training.supervised(model, train_store=train_store, heldout_store=held_store, loop=loop,
+                                           optim=OptimSection(lr=1e-2, warmup_steps=4), seed=0,
+                                           ckpt_dir=tmp_path / work / "ckpt",
+                                           logger=MetricsLogger(tmp_path / "metrics" / f"{work}.jsonl"), name=work,
+                                           hooks=hooks)
         return jax.device_get(out.params), summary
 
     ref, summary = run("a")
     assert summary["heldout_loss_final"] < summary["heldout_loss_initial"] - 0.5, summary
-    assert len(summary["seq_len_buckets"]) <= 2  # length bucketing: few static shapes
-    rows = metric_rows(ctx, "a")
+    assert summary["packed"] is packed
+    rows = [json.loads(x) for x in (tmp_path / "metrics" / "a.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "heldout_loss" in r] == [0, 20, 40]
     assert {"loss", "grad_norm", "lr", "tokens/s"} <= set(next(r for r in rows if "loss" in r))
     assert sorted(int(p.name) for p in (tmp_path / "a" / "ckpt").iterdir() if p.name.isdigit()) == [30, 40]
 
-    def interrupt(name: str, step: int) -> None:
-        if step == 25:
-            raise Interrupt
-
-    monkeypatch.setattr(sft_mod, "after_step", interrupt)
     with pytest.raises(Interrupt):
-        run("b")
-    monkeypatch.setattr(sft_mod, "after_step", lambda name, step: None)
-    resumed, summary_b = run("b")  # restores step 20, replays the data order from there
+        run("b", hooks=[InterruptAt(25)])
+    resumed, summary_b = run("b")  # restores step 20 with the loader's position, continues the data order
     assert summary_b["resumed_from_step"] == 20
     assert summary_b["heldout_loss_initial"] == summary["heldout_loss_initial"]
     jax.tree.map(np.testing.assert_array_equal, ref, resumed)
-    rows_b = metric_rows(ctx, "b")
+    rows_b = [json.loads(x) for x in (tmp_path / "metrics" / "b.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b if "loss" in r] == [r["step"] for r in rows if "loss" in r]
 
 
 # ---------------------------------------------------------------------------------------- Lightning OPD
-def test_lightning_resume_gives_identical_params(tmp_path: Path, assets: Path, mesh, monkeypatch) -> None:
-    calls = fake_evaluation(monkeypatch)
-    ref_ctx = make_run(tmp_path / "ref", assets, mesh, LIGHT, eval_every=2)
-    ref_out = run_stage(train_mod.STAGE, ref_ctx)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_lightning_resume_gives_identical_params(tmp_path: Path, assets: Path, mesh, packed: bool) -> None:
+    budget = {"token_budget": 128, "row_len": 64} if packed else {}
+    ref_ctx = make_run(tmp_path / "ref", assets, mesh, LIGHT, eval_every=2, **budget)
+    ref_out = run_stage(stage("train"), ref_ctx)
     ref = arm_params(ref_ctx, "light")
-    assert calls == [4, 4, 4]  # steps 0, 2, 4
 
-    ctx = make_run(tmp_path / "int", assets, mesh, LIGHT, eval_every=2)
-
-    def interrupt(arm: str, step: int) -> None:
-        if step == 3:
-            raise Interrupt
-
-    monkeypatch.setattr(train_mod, "after_step", interrupt)
+    ctx = make_run(tmp_path / "int", assets, mesh, LIGHT, eval_every=2, **budget)
+    crashing = Run(ctx.cfg, ctx.layout, ctx.mesh, hooks=(InterruptAt(3),))
     with pytest.raises(Interrupt):
-        run_stage(train_mod.STAGE, ctx)
-    assert not (ctx.run_dir / "train" / "DONE.json").exists()
-    monkeypatch.setattr(train_mod, "after_step", lambda arm, step: None)
-    out = run_stage(train_mod.STAGE, ctx)  # STARTED with the same fingerprint -> resumes from step 2
+        run_stage(stage("train"), crashing)
+    assert not ctx.layout.done("train").exists()
+    out = run_stage(stage("train"), ctx)  # STARTED with the same fingerprint -> resumes from step 2
     assert out["arms"]["light"]["resumed_from_step"] == 2
     jax.tree.map(np.testing.assert_array_equal, ref, arm_params(ctx, "light"))
 
@@ -258,47 +254,47 @@ def test_lightning_resume_gives_identical_params(tmp_path: Path, assets: Path, m
     assert want <= set(train_rows[0])
     assert np.isclose(train_rows[0]["reverse_kl"], -train_rows[0]["advantage_mean"], atol=1e-5)
     assert [r["time_s"] for r in train_rows] == sorted(r["time_s"] for r in train_rows)
-    meta = read_json(ctx.arm_dir("light") / "meta.json")
+    meta = read_json(ctx.layout.arm_meta("light"))
     assert meta["consistent_teacher"] is True and meta["mode"] == "lightning"
     assert ref_out["arms"]["light"]["final_metrics"]["loss"] == pytest.approx(meta["final_metrics"]["loss"])
-    assert (ctx.arm_dir("light") / "model" / "config.json").is_file()
+    assert (ctx.layout.arm_model("light") / "config.json").is_file()
 
 
 def test_inconsistent_teacher_refused_then_allowed(tmp_path: Path, assets: Path, mesh) -> None:
     ctx = make_run(tmp_path / "r", assets, mesh, [{"name": "abl", "mode": "lightning", "teacher": "B"}])
-    fp_a, fp_b = ctx.teacher_fingerprint("A"), ctx.teacher_fingerprint("B")
+    fp_a, fp_b = ctx.fingerprint(ctx.layout.teacher("A")), ctx.fingerprint(ctx.layout.teacher("B"))
     with pytest.raises(StageError) as e:
-        train_mod.STAGE.run(ctx)
+        train_mod.execute(ctx)
     msg = str(e.value)
     assert fp_a in msg and fp_b in msg and "'A'" in msg and "'B'" in msg and "allow_inconsistent_teacher" in msg
 
     ctx.cfg.arms[0].allow_inconsistent_teacher = True
     ctx.cfg.opd.steps = 2
-    out = train_mod.STAGE.run(ctx)
+    out = train_mod.execute(ctx)
     assert out["arms"]["abl"]["consistent_teacher"] is False
-    assert read_json(ctx.arm_dir("abl") / "meta.json")["consistent_teacher"] is False
+    assert read_json(ctx.layout.arm_meta("abl"))["consistent_teacher"] is False
 
 
 def test_tokenizer_mismatch_refused(tmp_path: Path, assets: Path, mesh) -> None:
     ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
-    store = RolloutStore.open(ctx.run_dir / "precompute" / "A" / "store", "r+")
+    store = RolloutStore.open(ctx.layout.teacher_store("A"), "r+")
     store.update_attrs({"tokenizer_fingerprint": "0" * 64})
     with pytest.raises(StageError, match="tokenizer fingerprint"):
-        train_mod.STAGE.run(ctx)
+        train_mod.execute(ctx)
 
 
 def test_corrupt_store_refused(tmp_path: Path, assets: Path, mesh) -> None:
     ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
-    chunk = ctx.run_dir / "precompute" / "A" / "store" / "teacher_logprobs" / "c" / "1" / "0"
+    chunk = ctx.layout.teacher_store("A") / "teacher_logprobs" / "c" / "1" / "0"
     chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])  # truncated
     with pytest.raises(StageError, match="corrupt") as e:
-        train_mod.STAGE.run(ctx)
+        run_stage(stage("train"), ctx)
     assert "teacher_logprobs" in str(e.value)
 
 
 def test_nan_teacher_logprob_names_the_step(tmp_path: Path, assets: Path, mesh) -> None:
     ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
-    store = RolloutStore.open(ctx.run_dir / "precompute" / "A" / "store", "r+")
+    store = RolloutStore.open(ctx.layout.teacher_store("A"), "r+")
     rows = store.read_rows(range(N_ROWS), ["teacher_logprobs", "prompt_len"])
     lp = rows["teacher_logprobs"]
     lp[np.arange(N_ROWS), rows["prompt_len"]] = np.nan  # first response token of every row
@@ -306,41 +302,51 @@ def test_nan_teacher_logprob_names_the_step(tmp_path: Path, assets: Path, mesh) 
         # write_teacher_chunk rightly refuses NaN; go underneath it to simulate a bad scorer with a valid marker.
         store._commit("teacher", c, {"teacher_logprobs": lp[c * RPC:(c + 1) * RPC]})
     with pytest.raises(StageError, match=r"arm 'light'.*step 1.*store rows \["):
-        train_mod.STAGE.run(ctx)
+        run_stage(stage("train"), ctx)
 
 
 # ------------------------------------------------------------------------------------------- online OPD
 def test_online_arm_runs_and_times_phases(tmp_path: Path, assets: Path, mesh) -> None:
-    from jopd.stages import online as online_mod
-
     ctx = make_run(tmp_path / "r", assets, mesh, [{"name": "onl", "mode": "online", "teacher": "A"}], steps=2)
-    assert train_mod.STAGE.run(ctx) == {"arms": {}}  # no lightning arm
-    out = online_mod.STAGE.run(ctx)["arms"]["onl"]
+    assert train_mod.execute(ctx) == {"arms": {}}  # no lightning arm
+    out = online_mod.execute(ctx)["arms"]["onl"]
     phases = out["seconds_per_step_by_phase"]
     assert {"gen_s", "score_s", "update_s"} <= set(phases) and all(v > 0 for v in phases.values())
     rows = metric_rows(ctx, "arm_onl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["gen_s"] > 0 and r["score_s"] > 0 and r["update_s"] > 0 for r in rows)
     assert out["consistent_teacher"] is True and out["tokens"] > 0
-    ckpt = read_json(next((ctx.arm_dir("onl") / "ckpt").glob("2/extra/metadata")))
-    assert ckpt["prompt_cursor"] == 8
+    assert (ctx.layout.arm_ckpt("onl") / "2").is_dir()
+
+
+def test_online_batches_are_a_function_of_the_step(tmp_path: Path, assets: Path, mesh) -> None:
+    """Batch s depends only on (seed, s): prompts cycle in fresh per-pass permutations, seeds derive from s."""
+    ctx = make_run(tmp_path / "r", assets, mesh, [{"name": "onl", "mode": "online", "teacher": "A"}])
+    prompts = [{"prompt_ids": [1, 2, 3 + i]} for i in range(6)]
+    student = load_pretrained(ctx.layout.sft_model, mesh=mesh)
+    batches = training.OnlineBatches(prompts, student, student, batch_size=4, seed=3, sampling=ctx.cfg.rollout,
+                                     stop_ids=(2,))
+    first_pass = batches.prompt_indices(1) + batches.prompt_indices(2)[:2]
+    assert sorted(first_pass) == list(range(6))  # one pass covers every prompt once
+    assert batches.prompt_indices(2) == training.OnlineBatches(
+        prompts, student, student, batch_size=4, seed=3, sampling=ctx.cfg.rollout, stop_ids=(2,)).prompt_indices(2)
 
 
 # -------------------------------------------------------------------------------------------- sft stage
 def test_sft_stage_exports_model_and_meta(tmp_path: Path, assets: Path, mesh) -> None:
     ctx = make_run(tmp_path / "r", assets, mesh, LIGHT)
-    shutil.rmtree(ctx.sft_model_dir())
-    (ctx.run_dir / "sft" / "DONE.json").unlink()
+    shutil.rmtree(ctx.layout.sft_model)
+    ctx.layout.done("sft").unlink()
     ctx.cfg.sft.steps, ctx.cfg.sft.batch_size, ctx.cfg.sft.checkpoint_every = 3, 4, 2
-    fp_a = ctx.teacher_fingerprint("A")
-    td = ctx.run_dir / "teacher_data"
-    atomic_write_json(td / "meta.json", {"teacher_name": "A", "teacher_fingerprint": fp_a})
+    fp_a = ctx.fingerprint(ctx.layout.teacher("A"))
+    atomic_write_json(ctx.layout.teacher_data_meta, {"teacher_name": "A", "teacher_fingerprint": fp_a})
     rows = [{"prompt": p, "label": "", "prompt_ids": ids, "response_ids": resp, "response_text": "",
              "ended_with_eos": True} for p, (ids, resp) in
             zip("abcdefghijkl", _toy_examples(ctx.tokenizer, 12, 3), strict=True)]
-    (td / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run_stage(sft_mod.STAGE, ctx)
+    ctx.layout.sft_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_stage(stage("sft"), ctx)
     assert out["sft_teacher_name"] == "A" and out["sft_teacher_fingerprint"] == fp_a
-    assert out["model_fingerprint"] == ctx.model_fingerprint(ctx.sft_model_dir())
-    assert read_json(ctx.run_dir / "sft" / "meta.json")["steps"] == 3
-    assert (ctx.sft_model_dir() / "tokenizer.json").is_file()
+    assert out["model_fingerprint"] == ctx.fingerprint(ctx.layout.sft_model)
+    assert read_json(ctx.layout.sft_meta)["steps"] == 3
+    assert (ctx.layout.sft_model / "tokenizer.json").is_file()
+    assert RolloutStore.open(ctx.layout.sft_store).num_rows == 11  # one of the 12 rows is held out

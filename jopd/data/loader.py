@@ -405,7 +405,7 @@ def make_packed_dataset(store_path: str | os.PathLike[str], *, token_budget: int
     if rows % process_count:
         raise ValueError(f"token_budget={token_budget} gives {rows} rows of {row_len} tokens, not a multiple of "
                          f"the {process_count} processes")
-    source = RolloutSource(store_path, fields, seq_len=row_len, cache_bytes=cache_bytes)
+    source = RolloutSource(store_path, fields, cache_bytes=cache_bytes)
     bad = [f for f in source.fields if f in ARRAYS and ARRAYS[f][2] == "row" or f == ROW_INDEX]
     if bad:
         raise ValueError(f"packed batches hold per-token fields only; not {bad}")

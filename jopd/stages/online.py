@@ -51,7 +51,7 @@ def execute(run: Run) -> dict[str, Any]:
                                 seed=cfg.seed, sampling=cfg.rollout, stop_ids=stops)
         model, loop = opd(student, batches, opd=cfg.opd, rows=cfg.opd.batch_size, ckpt_dir=layout.arm_ckpt(arm.name),
                           describe_batch=batches.describe, batch_phases=lambda b=batches: b.last_phases,
-                          evaluate=evaluate, logger=arms.arm_logger(run, arm), name=f"arm {arm.name}",
-                          hooks=[batches])
+                          evaluate=evaluate, logger=arms.arm_logger(run, arm), name=f"arm {arm.name!r}",
+                          hooks=[batches, *run.hooks])
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}

@@ -121,7 +121,7 @@ def _train_teacher(run: Run, name: str, section: Any) -> None:
     model, _ = supervised(model, train_store=work / "store", heldout_store=work / "heldout_store",
                           loop=section.pretrain, optim=section.pretrain_optim, seed=seed, ckpt_dir=work / "ckpt",
                           logger=MetricsLogger(layout.metrics(f"teacher_{name}"), layout.tensorboard(f"teacher_{name}")),
-                          name=f"teacher_{name}")
+                          name=f"teacher_{name}", hooks=run.hooks)
     save_pretrained(model, layout.teacher(name), tokenizer_dir=str(layout.tokenizer))
     barrier(f"teacher-{name}")
 

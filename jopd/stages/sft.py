@@ -58,7 +58,8 @@ def execute(run: Run) -> dict[str, Any]:
     log.info("sft: %d examples from teacher %s", len(rows), td_meta.get("teacher_name"))
     model, summary = supervised(model, train_store=layout.sft_store, heldout_store=heldout_store if held else None,
                                 loop=cfg.sft, optim=cfg.sft.optim, seed=cfg.seed, ckpt_dir=layout.sft_ckpt,
-                                logger=MetricsLogger(layout.metrics("sft"), layout.tensorboard("sft")), name="sft")
+                                logger=MetricsLogger(layout.metrics("sft"), layout.tensorboard("sft")), name="sft",
+                                hooks=run.hooks)
     save_pretrained(model, layout.sft_model, tokenizer_dir=str(layout.tokenizer))
     barrier("sft-export")
     meta = {"sft_teacher_name": td_meta.get("teacher_name"), "sft_teacher_fingerprint": td_meta.get("teacher_fingerprint"),

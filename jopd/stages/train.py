@@ -74,6 +74,6 @@ def execute(run: Run) -> dict[str, Any]:
         model, loop = opd(student, data, opd=cfg.opd, rows=data.rows, packed=data.packed,
                           ckpt_dir=layout.arm_ckpt(arm.name), data_iterator=data.data_iterator,
                           describe_batch=data.describe, evaluate=evaluate, logger=arms.arm_logger(run, arm),
-                          name=f"arm {arm.name}")
+                          name=f"arm {arm.name!r}", hooks=run.hooks)
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}
