@@ -30,6 +30,13 @@ sequence of the row, 0 on trailing padding, which belongs to no sequence). Only 
 "sequence" is then a (row, segment id > 0) pair instead of a row, so a packed batch gives the same loss and
 gradient as the same sequences unpacked. Micro-batches split rows, so a sequence still never spans two.
 
+Per-token form (fused output heads)
+-----------------------------------
+Both aggregations are linear in the per-token values, so ``aggregate(x, ...) == sum(token_weights(...) * x)``
+with the weights of :func:`token_weights`, and the fused OPD loss is ``sum(token_weights * opd_token_loss)``
+(SFT: ``sum(token_weights * -lp)``). A head that knows ``d loss / d lp_t`` per token in its forward pass (see
+:func:`jopd.models.fused_head.fused_head_loss`) takes the loss in this form.
+
 All functions are pure and jit-friendly: string / float options are static Python values (validated eagerly,
 so pass them via ``functools.partial`` or ``static_argnames`` under ``jax.jit``); ``num_tokens`` / ``num_seqs``
 may be traced arrays.
@@ -37,7 +44,8 @@ may be traced arrays.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import functools
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +56,9 @@ __all__ = [
     "loss_denominators",
     "low_var_kl",
     "opd_loss",
+    "opd_token_loss",
     "sft_loss",
+    "token_weights",
 ]
 
 Aggregation = Literal["token_mean", "seq_mean"]
@@ -203,6 +213,46 @@ def aggregate(
     return _safe_div(jnp.sum(seq_means), den)
 
 
+def token_weights(
+    response_mask: jax.Array,
+    aggregation: Aggregation = "token_mean",
+    *,
+    num_tokens: jax.Array | float | None = None,
+    num_seqs: jax.Array | float | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token weights ``[B, T]`` of :func:`aggregate`: ``aggregate(x, ...) == sum(token_weights(...) * x)``.
+
+    ``token_mean``: ``m_t / num_tokens``; ``seq_mean``: ``m_t / (len(seq(t)) * num_seqs)``, with the same
+    denominators, overrides, sequences (rows, or (row, segment id > 0) pairs) and empty-case zeros as
+    :func:`aggregate` (tokens of segment 0 weigh 0). Arguments as there; the weights do not depend on ``x``.
+
+    Returns:
+      [B, T] weights in the mask's dtype promoted to at least float32.
+    """
+    _check_aggregation(aggregation)
+    _check_shapes(response_mask, segment_ids=segment_ids)
+    dtype = _compute_dtype(response_mask)
+    m = jnp.asarray(response_mask).astype(dtype)
+
+    if aggregation == "token_mean":
+        den = jnp.sum(m) if num_tokens is None else jnp.asarray(num_tokens, dtype)
+        return _safe_div(m, den)
+
+    tokens_per_seq = _sequence_sum(m, segment_ids)  # [B, 1] or [B, T] (slot s = segment s + 1)
+    if num_seqs is None:
+        den = jnp.sum((tokens_per_seq > 0).astype(dtype))
+    else:
+        den = jnp.asarray(num_seqs, dtype)
+    if segment_ids is None:
+        seq_len = tokens_per_seq
+    else:
+        seg = jnp.asarray(segment_ids).astype(jnp.int32)
+        own = jnp.take_along_axis(tokens_per_seq, jnp.maximum(seg - 1, 0), axis=1)
+        seq_len = jnp.where(seg > 0, own, 0)  # padding belongs to no sequence: weight 0
+    return _safe_div(_safe_div(m, seq_len), den)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # KL estimator
 # ----------------------------------------------------------------------------------------------------------
@@ -227,6 +277,65 @@ def low_var_kl(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 # OPD loss
 # ----------------------------------------------------------------------------------------------------------
+def _check_opd_options(eps_low: float, eps_high: float, tis_cap: float | None, kl_coef: float,
+                       has_behaviour: bool, has_ref: bool) -> None:
+    if not 0.0 <= eps_low < 1.0:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    if not eps_high >= 0.0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
+    if tis_cap is not None:
+        if not tis_cap > 0.0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap}")
+        if not has_behaviour:
+            raise ValueError("tis_cap is set but behaviour_logprobs is None")
+    if not kl_coef >= 0.0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0.0 and not has_ref:
+        raise ValueError("kl_coef > 0 requires ref_logprobs")
+
+
+def _clean(x: jax.Array, *, on: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Zero non-response positions first: their values are unspecified (possibly -inf), and the where also
+    zeroes the gradient that flows back to them."""
+    return jnp.where(on, jnp.asarray(x).astype(dtype), 0)
+
+
+class _OPDTerms(NamedTuple):
+    per_token: jax.Array  # [B, T] loss per token, before aggregation
+    ratio: jax.Array  # [B, T] exp(student - old)
+    clipped: jax.Array  # [B, T] bool: the clipped branch is active and selected
+    behaviour_ratio: jax.Array | None  # [B, T] untruncated exp(old - behaviour), if behaviour is given
+    kl: jax.Array | None  # [B, T] low_var_kl(student, ref) (0 off the response), if ref is given
+
+
+def _opd_terms(student: jax.Array, old: jax.Array, adv: jax.Array, on: jax.Array, *,
+               behaviour: jax.Array | None, ref: jax.Array | None, eps_low: float, eps_high: float,
+               tis_cap: float | None, kl_coef: float) -> _OPDTerms:
+    """The per-token OPD terms on cleaned ``[B, T]`` inputs (``old``, ``adv``, ``behaviour`` stop-gradient)."""
+    # ---- clipped surrogate ------------------------------------------------------------------------------
+    ratio = jnp.exp(student - old)
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    clipped = on & (((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo)))
+    clipped_value = jax.lax.stop_gradient(-adv * jnp.clip(ratio, lo, hi))
+    surrogate = jnp.where(clipped, clipped_value, -adv * ratio)
+
+    # ---- truncated importance sampling (behaviour policy != student sampling distribution) ------------
+    w = None
+    if behaviour is not None:
+        w = jnp.exp(old - behaviour)
+        if tis_cap is not None:
+            surrogate = surrogate * jnp.minimum(w, tis_cap)
+
+    # ---- KL penalty to the reference policy -------------------------------------------------------------
+    per_token = surrogate
+    kl = None
+    if ref is not None:
+        kl = jnp.where(on, low_var_kl(student, ref), 0)
+        if kl_coef > 0.0:
+            per_token = per_token + kl_coef * kl
+    return _OPDTerms(per_token, ratio, clipped, w, kl)
+
+
 def opd_loss(
     student_logprobs: jax.Array,
     teacher_logprobs: jax.Array,
@@ -323,28 +432,13 @@ def opd_loss(
         ref_logprobs=ref_logprobs,
         segment_ids=segment_ids,
     )
-    if not 0.0 <= eps_low < 1.0:
-        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
-    if not eps_high >= 0.0:
-        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
-    if tis_cap is not None:
-        if not tis_cap > 0.0:
-            raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap}")
-        if behaviour_logprobs is None:
-            raise ValueError("tis_cap is set but behaviour_logprobs is None")
-    if not kl_coef >= 0.0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if kl_coef > 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 requires ref_logprobs")
+    _check_opd_options(eps_low, eps_high, tis_cap, kl_coef, behaviour_logprobs is not None,
+                       ref_logprobs is not None)
 
     dtype = _compute_dtype(student_logprobs, teacher_logprobs, old_logprobs, behaviour_logprobs, ref_logprobs)
     m = jnp.asarray(response_mask).astype(dtype)
     on = m > 0
-
-    def clean(x: jax.Array) -> jax.Array:
-        # Zero non-response positions first: their values are unspecified (possibly -inf), and the where
-        # also zeroes the gradient that flows back to them.
-        return jnp.where(on, jnp.asarray(x).astype(dtype), 0)
+    clean = functools.partial(_clean, on=on, dtype=dtype)
 
     student = clean(student_logprobs)
     teacher = clean(teacher_logprobs)
@@ -358,24 +452,17 @@ def opd_loss(
         var = _masked_mean(jnp.square(adv - mean), m)
         adv = jnp.where(on, (adv - mean) * jax.lax.rsqrt(var + _NORM_EPS), 0)
 
-    # ---- clipped surrogate ------------------------------------------------------------------------------
-    log_ratio = student - old
-    ratio = jnp.exp(log_ratio)
-    lo, hi = 1.0 - eps_low, 1.0 + eps_high
-    clipped = on & (((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo)))
-    clipped_value = jax.lax.stop_gradient(-adv * jnp.clip(ratio, lo, hi))
-    surrogate = jnp.where(clipped, clipped_value, -adv * ratio)
+    behaviour = None if behaviour_logprobs is None else jax.lax.stop_gradient(clean(behaviour_logprobs))
+    ref = None if ref_logprobs is None else clean(ref_logprobs)
+    terms = _opd_terms(student, old, adv, on, behaviour=behaviour, ref=ref, eps_low=eps_low,
+                       eps_high=eps_high, tis_cap=tis_cap, kl_coef=kl_coef)
 
     metrics: dict[str, jax.Array] = {}
-
-    # ---- truncated importance sampling (behaviour policy != student sampling distribution) ------------
-    if behaviour_logprobs is not None:
-        behaviour = jax.lax.stop_gradient(clean(behaviour_logprobs))
-        log_w = old - behaviour  # [B, T], 0 off the response
-        w = jnp.exp(log_w)
+    if terms.behaviour_ratio is not None:
+        w = terms.behaviour_ratio
         if tis_cap is not None:
-            surrogate = surrogate * jnp.minimum(w, tis_cap)
             metrics["tis_clip_frac"] = _metric(_masked_mean((w > tis_cap).astype(dtype), m))
+        log_w = old - behaviour  # [B, T], 0 off the response
         n = jnp.sum(m)
         # ESS fraction (sum w)^2 / (n sum w^2) in log space: exp(2 lse(log w) - lse(2 log w) - log n).
         lse_w = jax.nn.logsumexp(log_w, b=m)
@@ -384,30 +471,67 @@ def opd_loss(
         metrics["behaviour_ratio_mean"] = _metric(_masked_mean(w, m))
         metrics["behaviour_ratio_max"] = _metric(jnp.max(jnp.where(on, w, 0)))
         metrics["behaviour_ess"] = _metric(ess)
+    if terms.kl is not None:
+        metrics["kl_ref"] = _metric(_masked_mean(terms.kl, m))
 
-    per_token = surrogate
-
-    # ---- KL penalty to the reference policy -------------------------------------------------------------
-    if ref_logprobs is not None:
-        kl = jnp.where(on, low_var_kl(student, clean(ref_logprobs)), 0)
-        if kl_coef > 0.0:
-            per_token = per_token + kl_coef * kl
-        metrics["kl_ref"] = _metric(_masked_mean(kl, m))
-
-    loss = aggregate(per_token, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+    loss = aggregate(terms.per_token, m, aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
                      segment_ids=segment_ids)
 
     num_tok, num_seq = loss_denominators(m, segment_ids)
     metrics.update(
         advantage_mean=_metric(_masked_mean(raw_adv, m)),
         reverse_kl=_metric(_masked_mean(old - teacher, m)),
-        clip_frac=_metric(_masked_mean(clipped.astype(dtype), m)),
-        ratio_mean=_metric(_masked_mean(ratio, m)),
+        clip_frac=_metric(_masked_mean(terms.clipped.astype(dtype), m)),
+        ratio_mean=_metric(_masked_mean(terms.ratio, m)),
         entropy_est=_metric(-_masked_mean(student, m)),
         num_tokens=_metric(num_tok),
         num_seqs=_metric(num_seq),
     )
     return loss, metrics
+
+
+def opd_token_loss(
+    student_logprobs: jax.Array,
+    teacher_logprobs: jax.Array,
+    response_mask: jax.Array,
+    *,
+    behaviour_logprobs: jax.Array | None = None,
+    ref_logprobs: jax.Array | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    tis_cap: float | None = None,
+    kl_coef: float = 0.0,
+) -> jax.Array:
+    """Per-token fused OPD loss ``[B, T]``: the value :func:`opd_loss` aggregates when ``old_logprobs`` is
+    None and ``normalize_advantages`` is off, so that
+    ``opd_loss(...)[0] == sum(token_weights(...) * opd_token_loss(...))``.
+
+    Per response token (0 elsewhere): ``-w * A * exp(student - stop_gradient(student))
+    [+ kl_coef * low_var_kl(student, ref)]`` with ``A = stop_gradient(teacher - student)`` and the TIS weight
+    ``w = stop_gradient(min(exp(student - behaviour), tis_cap))`` (1 without ``tis_cap``). The ratio is 1,
+    so the clip is never active; the gradient w.r.t. ``student_t`` is ``-w_t * A_t`` plus the KL term's.
+    Token-local, so it may be evaluated on any slice of the positions (e.g. a sequence chunk ``[B, c]``).
+
+    Args: as :func:`opd_loss` (``behaviour_logprobs`` only matters with ``tis_cap``, ``ref_logprobs`` only
+    with ``kl_coef > 0``).
+    """
+    _check_shapes(response_mask, student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
+                  behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs)
+    _check_opd_options(eps_low, eps_high, tis_cap, kl_coef, behaviour_logprobs is not None,
+                       ref_logprobs is not None)
+    behaviour = behaviour_logprobs if tis_cap is not None else None
+    ref = ref_logprobs if kl_coef > 0.0 else None
+    dtype = _compute_dtype(student_logprobs, teacher_logprobs, behaviour, ref)
+    on = jnp.asarray(response_mask) > 0
+    clean = functools.partial(_clean, on=on, dtype=dtype)
+    student = clean(student_logprobs)
+    old = jax.lax.stop_gradient(student)
+    adv = jax.lax.stop_gradient(clean(teacher_logprobs) - old)
+    terms = _opd_terms(student, old, adv, on,
+                       behaviour=None if behaviour is None else jax.lax.stop_gradient(clean(behaviour)),
+                       ref=None if ref is None else clean(ref), eps_low=eps_low, eps_high=eps_high,
+                       tis_cap=tis_cap, kl_coef=kl_coef)
+    return terms.per_token
 
 
 # ----------------------------------------------------------------------------------------------------------

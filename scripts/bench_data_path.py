@@ -118,8 +118,8 @@ def main() -> None:
     print(f"store: {args.store_rows} rollouts, lengths median {int(np.median(lengths))}, mean "
           f"{lengths.mean():.0f}, max {lengths.max()} (log-normal); model {cfg.num_params() / 1e6:.2f}M params, "
           f"{jax.devices()[0].platform}")
-    print(f"| layout | rows x row_len | padding of step tokens | real tokens/step | step s (median) | "
-          f"real tokens/s (median) |\n|---|---|---|---|---|---|")
+    print("| layout | rows x row_len | padding of step tokens | real tokens/step | step s (median) | "
+          "real tokens/s (median) |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['rows']} x {r['row_len']} | {r['padding_fraction']:.1%} | "
               f"{r['real_tokens_per_step']:.0f} | {r['step_s_median']:.3f} | {r['real_tokens_per_s']:.0f} |")

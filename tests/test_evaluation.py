@@ -18,12 +18,12 @@ from jopd import evaluation
 from jopd.config import ArchSection, PrecisionSection, load_config
 from jopd.data import arithmetic
 from jopd.data import tokenizer as toklib
-from jopd.models import from_params, init_params, save_pretrained, token_logprobs
-from jopd.sampling import GenerationResult
-from jopd.sharding import single_device_mesh
 from jopd.io import atomic_write_json
 from jopd.layout import RunLayout
+from jopd.models import from_params, init_params, save_pretrained, token_logprobs
 from jopd.pipeline import Run, StageError, run_stage
+from jopd.sampling import GenerationResult
+from jopd.sharding import single_device_mesh
 from jopd.stages import stage
 from jopd.stages.prepare import arch_to_config
 

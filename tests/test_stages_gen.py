@@ -24,12 +24,12 @@ import pytest
 from jopd.config import load_config
 from jopd.data import tokenizer as toklib
 from jopd.data.store import RolloutStore, StoreCorruptError
-from jopd.models import from_params, hidden_states, init_params, save_pretrained, token_logprobs
-from jopd.sampling import generate
-from jopd.sharding import MeshConfig, make_mesh
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.layout import RunLayout
+from jopd.models import from_params, hidden_states, init_params, save_pretrained, token_logprobs
 from jopd.pipeline import Run, Stage, StageError, derive_seed, run_stage, store_fingerprint
+from jopd.sampling import generate
+from jopd.sharding import MeshConfig, make_mesh
 from jopd.stages import stage as stage_named
 from jopd.stages import teacher_data
 from jopd.stages.prepare import arch_to_config

@@ -146,9 +146,9 @@ def make_run(root: Path, assets: Path, mesh, arms: list[dict[str, Any]], **opd: 
     sft_out = {"sft_teacher_name": "A", "sft_teacher_fingerprint": fp_a,
                "model_fingerprint": ctx.fingerprint(ctx.layout.sft_model)}
     atomic_write_json(run_dir / "sft" / "meta.json", sft_out)
-    for stage, outputs in (("prepare", {}), ("teacher_data", {"teacher_name": "A", "teacher_fingerprint": fp_a}),
+    for name, outputs in (("prepare", {}), ("teacher_data", {"teacher_name": "A", "teacher_fingerprint": fp_a}),
                            ("sft", sft_out), ("precompute", {})):
-        atomic_write_json(run_dir / stage / "DONE.json", {"fingerprint": f"fp-{stage}", "inputs": {},
+        atomic_write_json(run_dir / name / "DONE.json", {"fingerprint": f"fp-{name}", "inputs": {},
                                                           "outputs": outputs})
     vocab = len(tok)
     for i, name in enumerate(("A", "B")):

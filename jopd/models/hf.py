@@ -285,20 +285,12 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
 
 
 # --- export -------------------------------------------------------------------------------------------
-def _to_host(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def hf_state_dict(model: Model, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF key, numpy tensor) pairs, one param (all its layers) on the host at a time."""
     cfg = model.config
     out_dtype = jnp.dtype(dtype) if dtype else None
     for rule in _rules(cfg):
-        full = _to_host(_get_path(model.params, rule.path))
+        full = sharding.to_host(_get_path(model.params, rule.path))
         for lead, hf_key in _index_units(rule, cfg):
             t = rule.to_hf(full[lead] if lead else full)
             yield hf_key, np.ascontiguousarray(t.astype(out_dtype) if out_dtype is not None else t)

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from jopd import config
 from jopd.pipeline import Stage
-from jopd.stages import evaluate, export, online, precompute, prepare, report, rollout, sft, teacher_data, train
+from jopd.stages import (
+    evaluate,
+    export,
+    online,
+    precompute,
+    prepare,
+    report,
+    rollout,
+    sft,
+    teacher_data,
+    train,
+)
 
 _MODULES = {"prepare": prepare, "teacher_data": teacher_data, "sft": sft, "rollout": rollout,
             "precompute": precompute, "train": train, "online": online, "eval": evaluate, "export": export,

@@ -28,7 +28,15 @@ from jopd.data import tokenizer as toklib
 from jopd.data.store import StoreError
 from jopd.io import read_jsonl
 from jopd.models import ModelConfig
-from jopd.pipeline import Run, StageError, barrier, derive_seed, numerics_inputs, open_or_create_store, sft_teacher
+from jopd.pipeline import (
+    Run,
+    StageError,
+    barrier,
+    derive_seed,
+    numerics_inputs,
+    open_or_create_store,
+    sft_teacher,
+)
 from jopd.sampling import generate, sequences
 
 log = logging.getLogger("jopd")
