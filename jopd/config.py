@@ -97,7 +97,10 @@ class PrecisionSection:
     param_dtype: Literal["float32", "bfloat16"] = doc("Dtype of the trained (master) weights.", "float32")
     compute_dtype: Literal["float32", "bfloat16"] = doc(
         "Dtype of matmuls/activations (bfloat16 on accelerators; log-probs and losses are always fp32).", "float32")
-    remat: bool = doc("Recompute each layer's activations in the backward pass (gradient checkpointing).", False)
+    remat: Literal["none", "full", "dots"] = doc(
+        "What each decoder layer keeps for the backward pass: none = everything (fastest, most memory); full = only "
+        "its input (the whole layer is recomputed); dots = its input and its weight-matmul outputs (attention "
+        "scores and elementwise ops recomputed).", "none")
     teacher_dtype: Literal["float32", "bfloat16"] | None = doc(
         "Dtype teachers are held in (never trained: bfloat16 halves their memory); null = param_dtype.", None)
     attention_impl: Literal["xla", "cudnn"] = doc("Attention kernel: xla (any backend) or cudnn (NVIDIA).", "xla")

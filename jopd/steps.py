@@ -22,11 +22,20 @@ Packed batches (``packed=True``): each row holds several whole sequences back to
 carries int32 ``segment_ids`` (1, 2, ... per sequence of the row, 0 on padding) and ``positions`` (within each
 sequence) ``[B, T]``. Log-probs, loss and gradient then equal those of the same sequences unpacked; a
 micro-batch is a set of whole rows, so accumulation stays exact.
+
+Fused output head (``OPDLossConfig.fused_head``, the ``fused_head`` argument of the SFT step / eval loss, on by
+default): the fused OPD loss (and SFT's) is a weighted sum of token-local terms, so the output head computes
+its own gradient in the forward pass (:func:`jopd.models.fused_head.fused_head_loss`) and the backward pass
+never recomputes the ``[B, c, V]`` logits. Metrics still come from :func:`jopd.losses.opd_loss` /
+:func:`jopd.losses.sft_loss` on the (stop-gradient) log-probs, so they are those of the unfused path.
+Advantage whitening needs batch statistics of all log-probs first, so ``normalize_advantages`` always takes
+the unfused path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -37,7 +46,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jopd import losses, sharding
 from jopd.models.config import ModelConfig
-from jopd.models.logprobs import logprobs_fn
+from jopd.models.decoder import hidden_states, output_kernel
+from jopd.models.fused_head import PerTokenLoss, fused_head_loss
+from jopd.models.logprobs import logprobs_fn, prediction_mask
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -51,7 +62,8 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class OPDLossConfig:
-    """Static settings of the OPD loss (see :func:`jopd.losses.opd_loss`)."""
+    """Static settings of the OPD loss (see :func:`jopd.losses.opd_loss`); ``fused_head=False`` takes the
+    rematerialised head (for comparison and benchmarks; same loss, gradient and metrics)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -59,6 +71,7 @@ class OPDLossConfig:
     normalize_advantages: bool = False
     kl_coef: float = 0.0
     tis_cap: float | None = None
+    fused_head: bool = True
 
 
 def lr_schedule(lr: float, total_steps: int, *, schedule: str = "constant", warmup_steps: int = 0,
@@ -141,12 +154,23 @@ def _logprobs(params: Any, config: ModelConfig, batch: Batch) -> Array:
                        segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
 
 
+def _fused_head_loss(params: Any, config: ModelConfig, batch: Batch, per_token_loss: PerTokenLoss,
+                     aux: Any) -> tuple[Array, Array]:
+    """(loss, stop-gradient log-probs [B, T]) of the batch through the fused output head (packed if the batch
+    is); ``per_token_loss`` and ``aux`` as in :func:`fused_head_loss`."""
+    seg = batch.get("segment_ids")
+    h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg)
+    valid = prediction_mask(batch["response_mask"], seg)
+    return fused_head_loss(h, output_kernel(params, config), batch["tokens"], valid, per_token_loss, aux,
+                           chunk=config.logits_chunk_size)
+
+
 def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig, num_tokens: Array,
                   num_seqs: Array, ref_params: Any = None) -> tuple[Array, dict[str, Array]]:
     """OPD loss of one (micro-)batch: tokens, response_mask, teacher_logprobs [+ behaviour_logprobs]
     [+ segment_ids, positions when packed], all [B, T]."""
     mask = batch["response_mask"]
-    student = _logprobs(params, config, batch)
+    seg = batch.get("segment_ids")
     ref = None
     if loss_cfg.kl_coef > 0:
         if ref_params is None:
@@ -154,20 +178,43 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
         ref = jax.lax.stop_gradient(_logprobs(ref_params, config, batch))
     behaviour = batch.get("behaviour_logprobs") if (loss_cfg.tis_cap is not None or
                                                     "behaviour_logprobs" in batch) else None
-    return losses.opd_loss(
-        student, batch["teacher_logprobs"], mask, behaviour_logprobs=behaviour, ref_logprobs=ref,
-        eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, aggregation=loss_cfg.aggregation,
-        normalize_advantages=loss_cfg.normalize_advantages, tis_cap=loss_cfg.tis_cap, kl_coef=loss_cfg.kl_coef,
-        num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=batch.get("segment_ids"),
+    opd_loss = functools.partial(
+        losses.opd_loss, teacher_logprobs=batch["teacher_logprobs"], response_mask=mask,
+        behaviour_logprobs=behaviour, ref_logprobs=ref, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+        aggregation=loss_cfg.aggregation, normalize_advantages=loss_cfg.normalize_advantages,
+        tis_cap=loss_cfg.tis_cap, kl_coef=loss_cfg.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs,
+        segment_ids=seg,
     )
+    if not loss_cfg.fused_head or loss_cfg.normalize_advantages:
+        return opd_loss(_logprobs(params, config, batch))
+
+    def per_token(lp: Array, a: dict[str, Array]) -> Array:
+        return a["weight"] * losses.opd_token_loss(
+            lp, a["teacher"], a["mask"], behaviour_logprobs=a["behaviour"], ref_logprobs=a["ref"],
+            eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, tis_cap=loss_cfg.tis_cap,
+            kl_coef=loss_cfg.kl_coef)
+
+    weight = losses.token_weights(mask, loss_cfg.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                                  segment_ids=seg)
+    aux = {"weight": weight, "teacher": batch["teacher_logprobs"], "mask": mask, "behaviour": behaviour,
+           "ref": ref}
+    loss, student = _fused_head_loss(params, config, batch, per_token, aux)
+    _, metrics = opd_loss(student)
+    return loss, metrics
 
 
 def sft_objective(params: Any, config: ModelConfig, batch: Batch, aggregation: str, num_tokens: Array,
-                  num_seqs: Array) -> tuple[Array, dict[str, Array]]:
+                  num_seqs: Array, *, fused_head: bool = True) -> tuple[Array, dict[str, Array]]:
     """Cross-entropy on response tokens only: tokens, response_mask [+ segment_ids, positions when packed]."""
-    lp = _logprobs(params, config, batch)
-    return losses.sft_loss(lp, batch["response_mask"], aggregation=aggregation, num_tokens=num_tokens,
-                           num_seqs=num_seqs, segment_ids=batch.get("segment_ids"))
+    sft_loss = functools.partial(losses.sft_loss, response_mask=batch["response_mask"], aggregation=aggregation,
+                                 num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=batch.get("segment_ids"))
+    if not fused_head:
+        return sft_loss(_logprobs(params, config, batch))
+    weight = losses.token_weights(batch["response_mask"], aggregation, num_tokens=num_tokens,
+                                  num_seqs=num_seqs, segment_ids=batch.get("segment_ids"))
+    loss, lp = _fused_head_loss(params, config, batch, lambda lp, w: -w * lp, weight)
+    _, metrics = sft_loss(lp)
+    return loss, metrics
 
 
 # ---- the generic step ----------------------------------------------------------------------------------
@@ -268,13 +315,15 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
 
 def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, batch_size: int,
                   micro_batch_size: int | None = None, aggregation: str = "token_mean",
-                  packed: bool = False) -> Callable:
+                  packed: bool = False, fused_head: bool = True) -> Callable:
     """Jitted SFT step ``(state, batch) -> (state, metrics)``; batch: tokens, response_mask
-    [+ segment_ids, positions when ``packed``] ``[B, T]``."""
+    [+ segment_ids, positions when ``packed``] ``[B, T]``. ``fused_head=False``: the rematerialised head."""
     micro = batch_size // (micro_batch_size or batch_size)
 
     def step(state, batch):
-        objective = lambda p, b, nt, ns: sft_objective(p, config, b, aggregation, nt, ns)  # noqa: E731
+        def objective(p, b, nt, ns):
+            return sft_objective(p, config, b, aggregation, nt, ns, fused_head=fused_head)
+
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
                            mesh=mesh)
 
@@ -282,13 +331,15 @@ def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, ba
                      batch_size)
 
 
-def make_eval_loss(config: ModelConfig, *, mesh, aggregation: str = "token_mean") -> Callable:
+def make_eval_loss(config: ModelConfig, *, mesh, aggregation: str = "token_mean",
+                   fused_head: bool = True) -> Callable:
     """Jitted held-out SFT loss ``(params, batch) -> metrics`` (no gradient); a batch with ``segment_ids``
-    and ``positions`` is packed (no flag needed: the batch shardings are not fixed here)."""
+    and ``positions`` is packed (no flag needed: the batch shardings are not fixed here). Undifferentiated,
+    the fused head runs its forward matmul only, like the unfused one."""
 
     def fn(params, batch):
         nt, ns = losses.loss_denominators(batch["response_mask"], batch.get("segment_ids"))
-        loss, metrics = sft_objective(params, config, batch, aggregation, nt, ns)
+        loss, metrics = sft_objective(params, config, batch, aggregation, nt, ns, fused_head=fused_head)
         return {**metrics, "loss": loss}
 
     return sharding.bind_mesh(jax.jit(fn), mesh)

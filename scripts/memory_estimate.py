@@ -17,7 +17,7 @@ not divide is replicated here as it is in a run. Activations follow jopd's code 
 - train steps (``jopd.steps``): fp32 (param-dtype) master params, AdamW moments (2 × param dtype, as optax), the
   gradient (+ an fp32 accumulator with micro-batching), the layer weights all-gathered over ``fsdp`` and cast to
   the compute dtype inside the scanned layer (plus their gradient before the reduce-scatter), activations
-  (remat: one residual checkpoint ``[B_local, S, D]`` per layer plus one layer's working set, recomputed and
+  (remat full: one residual checkpoint ``[B_local, S, D]`` per layer plus one layer's working set, recomputed and
   differentiated; no remat: every layer's working set is kept), the attention scores (xla path:
   ``[B_local, H/tp, S, S]`` fp32 + probs; cudnn flash: only the ``[B_local, H/tp, S]`` softmax statistics), and
   the chunked log-prob head (``[B_local, chunk, V/tp]`` fp32 logits, rematerialised: ×2 for the backward);
@@ -227,8 +227,13 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
             lines.append(Line("gathered output head + grad", f"D·V/tp·({cb} + 4)", hw * (cb + 4), "work"))
         ckpt = m.num_layers * b * s * m.hidden_size * cb
         ws, ws_f = layer_working_set(m, b, s, tp, cb, grad=True)
-        if p.remat:
+        if p.remat in ("full", "dots"):
             lines.append(Line("residual checkpoints (remat)", "L·B·S·D·cb", ckpt, "work"))
+            if p.remat == "dots":
+                d, h, k, hd = m.hidden_size, _div(m.num_heads, tp), _div(m.num_kv_heads, tp), m.head_dim
+                f = _div(m.num_experts_per_tok * m.moe_intermediate_size if m.is_moe else m.intermediate_size, tp)
+                dots = m.num_layers * b * s * ((h + 2 * k) * hd + d + 3 * f) * cb
+                lines.append(Line("saved matmul outputs (remat dots)", "L·B·S·((H+2K)·Dh + D + 3F)·cb", dots, "work"))
             lines.append(Line("one layer's working set", ws_f, ws, "work"))
             lines += attention_lines(m, b, s, s, tp, cb, p.attention_impl, grad=True)
         else:

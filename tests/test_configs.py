@@ -61,7 +61,7 @@ def test_paper_configs_follow_the_paper() -> None:
             assert (s.temperature, s.top_p) == (0.7, 0.9)
         assert cfg.task.kind == "prompt_file"
         p = cfg.precision
-        assert (p.param_dtype, p.compute_dtype, p.remat, p.attention_impl) == ("float32", "bfloat16", True, "cudnn")
+        assert (p.param_dtype, p.compute_dtype, p.remat, p.attention_impl) == ("float32", "bfloat16", "full", "cudnn")
 
 
 def _memory_estimate():

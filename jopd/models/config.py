@@ -20,6 +20,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference tests (x64)
 SUPPORTED_ATTENTION = ("xla", "cudnn")
+# What a decoder layer keeps for the backward pass: everything ("none"), only its input ("full": all of the
+# layer is recomputed), or its input and the outputs of its weight matmuls ("dots": attention scores, softmax
+# and elementwise ops are recomputed).
+SUPPORTED_REMAT = ("none", "full", "dots")
 
 
 # Real Qwen3 dimensions (config.json of Qwen/Qwen3-*-Base and Qwen/Qwen3-*, which share their architecture), as
@@ -78,7 +82,7 @@ class ModelConfig:
     # --- runtime (jopd) settings ---
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat: str = "none"  # rematerialisation policy of each decoder layer (SUPPORTED_REMAT)
     attention_impl: str = "xla"  # "xla" (einsum, any backend) or "cudnn" (fused kernel on NVIDIA GPUs)
     logits_chunk_size: int = 256  # sequence positions per chunk of the chunked log-prob head
 
@@ -94,6 +98,8 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 errors.append(f"{name} {getattr(self, name)!r} is not one of {SUPPORTED_DTYPES}")
+        if self.remat not in SUPPORTED_REMAT:
+            errors.append(f"remat {self.remat!r} is not one of {SUPPORTED_REMAT}")
         if self.attention_impl not in SUPPORTED_ATTENTION:
             errors.append(f"attention_impl {self.attention_impl!r} is not one of {SUPPORTED_ATTENTION}")
         if self.num_heads % max(self.num_kv_heads, 1):

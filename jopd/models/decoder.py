@@ -1,7 +1,7 @@
 """The decoder: one Flax (Linen) module for llama / qwen2 / qwen3 / qwen3_moe.
 
 Layers are stacked and run under ``nn.scan`` (one compiled layer, params with a leading ``[layers]`` axis),
-optionally under ``nn.remat``. The module returns final-norm hidden states; the output projection is applied
+under a rematerialisation policy (``config.remat``: none / full / dots). The module returns final-norm hidden states; the output projection is applied
 separately (see :mod:`jopd.models.logprobs`) so that log-probs never need the full ``[B, T, V]`` logits.
 
 Numerics follow transformers: RMSNorm in fp32, rotate-half RoPE with fp32 angles, softmax in fp32, MoE router
@@ -225,8 +225,12 @@ class Decoder(nn.Module):
             cache_index = jnp.zeros((), jnp.int32)
 
         layer_cls = DecoderLayer
-        if cfg.remat:
+        if cfg.remat == "full":
             layer_cls = nn.remat(layer_cls, prevent_cse=False)
+        elif cfg.remat == "dots":
+            # Projections are flattened 2-D matmuls (no batch dims): saved; attention einsums recomputed.
+            layer_cls = nn.remat(layer_cls, prevent_cse=False,
+                                 policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         stack = nn.scan(
             layer_cls,
             variable_axes={"params": 0},

@@ -33,6 +33,17 @@ def _unchunk(y: Array, n: int) -> Array:
     return y.reshape((y.shape[0], -1) + y.shape[3:])[:, :n]
 
 
+def prediction_mask(mask: Array, segment_ids: Array | None = None) -> Array:
+    """bool ``[B, T]``: 1 where ``mask`` is 1 and token t has a prediction, i.e. a previous token of its own
+    sequence (t > 0, and in packed rows the same segment id at t - 1)."""
+    b = mask.shape[0]
+    if segment_ids is None:
+        has_prev = jnp.ones((b, mask.shape[1] - 1), bool)
+    else:
+        has_prev = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return mask.astype(bool) & jnp.concatenate([jnp.zeros((b, 1), bool), has_prev], 1)
+
+
 def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array, *, chunk: int = 256,
                          topk: int = 0,
                          segment_ids: Array | None = None) -> Array | tuple[Array, Array, Array]:
@@ -45,7 +56,7 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     Packed rows (``segment_ids`` ``[B, T]``): position t-1 predicts t only within one sequence, so a
     sequence's first token gets 0 like t = 0 of an unpacked row.
     """
-    b, t = tokens.shape
+    b = tokens.shape[0]
     w = w_out.astype(hidden.dtype)
     h_chunks, n = _chunked(hidden[:, :-1], chunk)
     tgt_chunks, _ = _chunked(tokens[:, 1:], chunk)
@@ -65,11 +76,7 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
         return None, lp
 
     _, out = jax.lax.scan(body, None, (h_chunks, tgt_chunks))
-    if segment_ids is None:
-        has_prev = jnp.ones((b, t - 1), bool)
-    else:
-        has_prev = segment_ids[:, 1:] == segment_ids[:, :-1]
-    valid = mask.astype(bool) & jnp.concatenate([jnp.zeros((b, 1), bool), has_prev], 1)
+    valid = prediction_mask(mask, segment_ids)
 
     def place(y):  # shift so that index t holds the prediction of token t
         y = _unchunk(y, n)
