@@ -197,8 +197,8 @@ class TrainLoop:
     token_budget: int | None = doc(
         "Packed batches: token slots per optimizer step, as rows of `row_len` tokens each holding several whole "
         "sequences (segment-aware attention, per-sequence positions; the loss is the same estimator). The number "
-        "of sequences per step then varies. null = `batch_size` sequences per step, each padded to the batch's "
-        "length bucket.", None)
+        "of sequences per step then varies. null = `batch_size` sequences per step, each padded to the "
+        "store's longest sequence (rounded up to 64).", None)
     row_len: int | None = doc("Tokens per packed row (with token_budget); null = the longest sequence rounded up "
                               "to 64.", None)
     checkpoint_every: int = doc("Save an Orbax checkpoint every N steps (and at the end).", 50)
