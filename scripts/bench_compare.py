@@ -1,8 +1,9 @@
 """Compare jopd's OPD step with the PyTorch reference: tokens/s ratio for matching configurations.
 
 Reads ``bench_results/opd_step.json`` (``bench_opd_step.py``) and ``bench_results/torch_reference.json``
-(``bench_torch_reference.py``); configurations match on (preset, batch, prompt, response, remat, dtype). A
-ratio > 1 means jopd is faster. Only meaningful when both files come from the same machine under similar load
+(``bench_torch_reference.py``); configurations match on (preset, batch, prompt, response, remat policy, dtype),
+so every jopd row (each attention kernel and output head) is compared with the torch row of its shape; torch has
+no ``dots`` policy, so those rows have no match. A ratio > 1 means jopd is faster. Only meaningful when both files come from the same machine under similar load
 (the load average of each run is printed).
 
 Example::
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
         t = torch_rows.get(tuple(r.get(k) for k in KEY))
         if r.get("status") != "ok" or t is None:
             continue
-        rows.append(dict(zip(KEY, (r[k] for k in KEY)), seq=r["seq"], jopd_tok_s=r["tokens_per_s"],
+        rows.append(dict(zip(KEY, (r[k] for k in KEY)), seq=r["seq"], attention=r.get("attention"),
+                         head=r.get("head"), jopd_tok_s=r["tokens_per_s"],
                          torch_tok_s=t["tokens_per_s"], torch_attn=t.get("attn"),
                          torch_old=t.get("old_pass"), ratio=r["tokens_per_s"] / t["tokens_per_s"],
                          ratio_best=(r.get("tokens_per_s_best") or float("nan"))
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("no matching configurations")
     else:
         print_table(rows, [("preset", "model"), ("batch", "B"), ("seq", "S"), ("remat", "remat"),
-                           ("dtype", "dtype"), ("jopd_tok_s", "jopd tok/s"), ("torch_tok_s", "torch tok/s"),
+                           ("dtype", "dtype"), ("attention", "jopd attn"), ("head", "jopd head"),
+                           ("jopd_tok_s", "jopd tok/s"), ("torch_tok_s", "torch tok/s"),
                            ("torch_attn", "torch attn"), ("torch_old", "torch old lp"),
                            ("ratio", "jopd/torch (median)"), ("ratio_best", "(best step)"),
                            ("jopd_peak_gib", "jopd GiB"), ("torch_peak_gib", "torch GiB")])

@@ -9,6 +9,13 @@ Three sections, all on a Qwen3-shaped random model (presets shared with ``bench_
    cache fill + first token) and ``decode`` (the ``while_loop`` producing the remaining ``new - 1`` tokens;
    EOS disabled so every row runs to the end). prefill tok/s = batch * prompt_len / t_prefill,
    decode tok/s = batch * (new - 1) / t_decode. Sampling at temperature 1 (categorical draw included).
+   Decode is memory-bound, so each row also gives its HBM-bandwidth limit: one decode step reads every
+   parameter once and the KV cache of every row up to its current position,
+
+       bytes/step = N_params * param bytes + batch * 2 * L * kv_heads * head_dim * cache bytes * (P + new / 2)
+
+   (``P + new / 2``: the mean context over the decode steps), limit tok/s = batch * bandwidth / bytes/step, with
+   the datasheet bandwidth of the device kind (``bench_opd_step.HBM_BANDWIDTH``; "unknown device" otherwise).
 3. Memory of the chunked log-prob head (``logprobs_fn``: ``lax.scan`` over ``logits_chunk_size`` positions,
    rematerialised) versus the naive full-logits ``naive_logprobs_fn`` at vocab 151936 and seq 4096, forward
    and forward + backward, from the *compiled* executables' ``memory_analysis()`` (no allocation: params are
@@ -17,7 +24,7 @@ Three sections, all on a Qwen3-shaped random model (presets shared with ``bench_
 
     python scripts/bench_core.py --small          # < 2 min on a 2-core CPU
     python scripts/bench_core.py                  # 50M-param model (CPU: several minutes)
-    python scripts/bench_core.py --preset 0.6b --dtype bfloat16   # on a GPU
+    python scripts/bench_core.py --preset 0.6b --dtype bfloat16 --param-dtype bfloat16   # on a GPU
 
 Writes ``--out`` (default bench_results/core.json) with the environment (device kind, jax version, date).
 """
@@ -32,7 +39,15 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_opd_step import PRESETS, env_info, model_config, print_table, total_params, write_json  # noqa: E402
+from bench_opd_step import (  # noqa: E402 - shared helpers next to this script
+    PRESETS,
+    env_info,
+    hbm_bandwidth,
+    model_config,
+    print_table,
+    total_params,
+    write_json,
+)
 
 
 def _time(fn, repeats: int) -> tuple[float, float, list[float]]:
@@ -86,8 +101,17 @@ def bench_logprobs(cfg, params, mesh, batch: int, seq: int, repeats: int) -> lis
 # ---------------------------------------------------------------------------------------------------------
 # 2. generation throughput (prefill / decode separately)
 # ---------------------------------------------------------------------------------------------------------
-def bench_generate(cfg, params, mesh, batches: list[int], prompt_len: int, new_tokens: int,
-                   repeats: int) -> list[dict[str, Any]]:
+def decode_bytes_per_step(cfg, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """HBM bytes one decode step must read: all parameters plus each row's KV cache at the mean context."""
+    import numpy as np
+
+    param_bytes = cfg.num_params() * np.dtype(cfg.param_dtype).itemsize
+    kv_per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.compute_dtype).itemsize
+    return int(param_bytes + batch * kv_per_position * (prompt_len + new_tokens / 2))
+
+
+def bench_generate(cfg, params, mesh, batches: list[int], prompt_len: int, new_tokens: int, repeats: int,
+                   bandwidth: float) -> list[dict[str, Any]]:
     import jax
     import numpy as np
 
@@ -126,7 +150,10 @@ def bench_generate(cfg, params, mesh, batches: list[int], prompt_len: int, new_t
                    prefill_s=pre, decode_s=dec, prefill_tokens_per_s=batch * prompt_len / pre,
                    decode_tokens_per_s=batch * (new_tokens - 1) / dec,
                    decode_ms_per_step=1e3 * dec / (new_tokens - 1),
-                   end_to_end_new_tokens_per_s=batch * new_tokens / (pre + dec))
+                   end_to_end_new_tokens_per_s=batch * new_tokens / (pre + dec),
+                   decode_bytes_per_step=decode_bytes_per_step(cfg, batch, prompt_len, new_tokens))
+        row["hbm_limit_tokens_per_s"] = batch * bandwidth / row["decode_bytes_per_step"]
+        row["fraction_of_hbm_limit"] = row["decode_tokens_per_s"] / row["hbm_limit_tokens_per_s"]
         rows.append(row)
         print(f"  generate B={batch:3d} P={prompt_len} N={new_tokens}: prefill {pre:.3f} s "
               f"({row['prefill_tokens_per_s']:,.0f} tok/s), decode {dec:.3f} s "
@@ -188,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--small", action="store_true", help="fast CPU run: preset small, short sequences")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default 50m (small with --small)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="compute dtype (default float32 on CPU, bfloat16 on GPU/TPU); params stay float32")
+                    help="compute dtype (default float32 on CPU, bfloat16 on GPU/TPU)")
+    ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="parameter dtype of the log-prob and generate model")
     ap.add_argument("--batch", type=int, default=None, help="log-prob batch (default: CPU 1, 2 small; GPU 8)")
     ap.add_argument("--seq", type=int, default=None, help="log-prob sequence length (default: CPU 512, 256 "
                     "small; GPU 2048)")
@@ -216,18 +245,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     new_tokens = args.new_tokens or (128 if gpu else (16 if args.small else 32))
     repeats = args.repeats or (2 if args.small else 3)
     chunk = args.mem_chunk or ModelConfig.__dataclass_fields__["logits_chunk_size"].default
+    bandwidth, bandwidth_source = hbm_bandwidth(env["device_kind"])
     print(f"device: {env['device_kind']} ({env['platform']} x{env['device_count']}), jax {env['jax']}, "
-          f"{env['date']}; model {preset} ({total_params(PRESETS[preset]) / 1e6:.1f}M params), compute {dtype}")
+          f"{env['date']}; model {preset} ({total_params(PRESETS[preset]) / 1e6:.1f}M params), compute {dtype}, "
+          f"params {args.param_dtype}; HBM bandwidth: {bandwidth_source}")
 
     rows: list[dict[str, Any]] = []
     mesh = sharding.make_mesh()
     if "logprobs" not in args.skip or "generate" not in args.skip:
-        cfg = model_config(preset, dtype=dtype).replace(max_position_embeddings=max(seq, prompt_len + new_tokens))
+        cfg = model_config(preset, dtype=dtype, param_dtype=args.param_dtype).replace(
+            max_position_embeddings=max(seq, prompt_len + new_tokens))
         model = from_params(cfg, init_params(cfg, seed=0), mesh=mesh)
         if "logprobs" not in args.skip:
             rows += bench_logprobs(cfg, model.params, mesh, batch, seq, repeats)
         if "generate" not in args.skip:
-            rows += bench_generate(cfg, model.params, mesh, args.gen_batches, prompt_len, new_tokens, repeats)
+            rows += bench_generate(cfg, model.params, mesh, args.gen_batches, prompt_len, new_tokens, repeats,
+                                   bandwidth)
         del model
     if "memory" not in args.skip:
         rows += bench_memory(args.mem_vocab, args.mem_seq, 1, chunk, dtype)
@@ -245,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(gen, [("batch", "B"), ("prompt_len", "prompt"), ("new_tokens", "new"),
                           ("prefill_s", "prefill s"), ("prefill_tokens_per_s", "prefill tok/s"),
                           ("decode_s", "decode s"), ("decode_tokens_per_s", "decode tok/s"),
-                          ("decode_ms_per_step", "ms/step"), ("end_to_end_new_tokens_per_s", "new tok/s e2e")])
+                          ("decode_ms_per_step", "ms/step"), ("end_to_end_new_tokens_per_s", "new tok/s e2e"),
+                          ("hbm_limit_tokens_per_s", "HBM limit tok/s"), ("fraction_of_hbm_limit", "of limit")])
         print()
     mem = [r for r in rows if r["section"] == "memory"]
     if mem:
@@ -256,13 +290,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             ("peak_ratio_vs_naive", "peak / naive"), ("meets_1_8_target", "<= 1/8")])
         print()
     payload = {"benchmark": "core", "framework": "jopd", "env": env, "preset": preset,
-               "params": total_params(PRESETS[preset]), "compute_dtype": dtype,
+               "params": total_params(PRESETS[preset]), "compute_dtype": dtype, "param_dtype": args.param_dtype,
+               "hbm_bandwidth": bandwidth, "hbm_bandwidth_source": bandwidth_source,
                "definitions": {
                    "tokens_per_s": "batch * seq / median time (forward+backward: value_and_grad of sum of "
                                    "log-probs w.r.t. all params)",
                    "generate": "prefill/decode = the two jitted programs of jopd.sampling.generate "
                                "(_compiled), timed separately; prefill tok/s = batch * prompt_len / t_prefill; "
                                "decode tok/s = batch * (new_tokens - 1) / t_decode; EOS disabled",
+                   "hbm_limit": "batch * bandwidth / bytes per decode step; bytes = N_params * param bytes + "
+                                "batch * 2 * L * kv_heads * head_dim * cache bytes * (prompt_len + new_tokens / 2)",
                    "memory": "compiled memory_analysis(): peak = argument + output - alias + temp bytes",
                },
                "rows": rows}

@@ -40,6 +40,7 @@ from bench_opd_step import (  # noqa: E402 - shared helpers next to this script
 )
 
 from jopd import models, sampling, steps  # noqa: E402
+from jopd.models.config import SUPPORTED_REMAT  # noqa: E402
 
 PAPER_SPEEDUP = "3.6-4.0x (Lightning OPD paper, GPU-hours)"
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--teacher-param-dtype", choices=("float32", "bfloat16"), default=None,
                     help="teacher parameter dtype (default: bfloat16 when --dtype bfloat16)")
     ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
-    ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                    help="remat in the student update (default: on, off with --small)")
+    ap.add_argument("--remat", choices=SUPPORTED_REMAT, default=None,
+                    help="remat policy of the student update (default: full; none with --small)")
     ap.add_argument("--out", default="bench_results/lightning_vs_online.json")
     args = ap.parse_args(argv)
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_rows = args.dataset_rows or (32 if s else 512)
     rollout_b = args.rollout_batch or (b if s else 64)
     total_steps = args.total_steps or 4 * max(n_rows // b, 1)
-    remat = (not s) if args.remat is None else args.remat
+    remat = args.remat or ("none" if s else "full")
     t_pdt = args.teacher_param_dtype or ("bfloat16" if args.dtype == "bfloat16" else "float32")
 
     env = env_info("jax")

@@ -1,6 +1,6 @@
 """Benchmark: the Lightning OPD train step (jitted, state donated) on Qwen3-shaped random models.
 
-For every (preset, response length, remat) configuration this measures
+For every (preset, response length, remat policy, attention, output head) configuration this measures
 
 * step time: median of ``--steps`` timed steps after ``--warmup`` untimed ones, each ``block_until_ready``;
 * tokens/s: ``batch * (prompt + response)`` tokens per step (every position is forwarded and back-propagated);
@@ -16,13 +16,36 @@ For every (preset, response length, remat) configuration this measures
   Recomputation (``remat``, the chunked log-prob head's backward recompute) is *not* counted: this is MFU,
   not hardware FLOP utilisation.
 
-Presets: ``small`` (~5M, CPU smoke), ``50m`` (CPU), ``0.6b`` and ``1.7b`` (Qwen3-0.6B / Qwen3-1.7B dimensions).
-``--small`` runs the ``small`` preset at short lengths in well under a minute on a laptop CPU.
+Presets (all Qwen3-shaped: q/k norm, GQA; parameter counts from ``ModelConfig.num_params()``), each with the
+batch, prompt and response lengths it runs at unless ``--batch-size`` / ``--prompt-len`` / ``--response-lens``
+say otherwise:
+
+==========  ===========  ======  ======  ======  =========  ==  ======  ===============================
+preset      params       vocab   hidden  layers  heads/kv   hd  ffn     default B x (P + R)
+==========  ===========  ======  ======  ======  =========  ==  ======  ===============================
+``small``   5,245,696    8192    256     4       4 / 2      64  768     2 x (32 + 128), 2 x (32 + 512)
+``11m``     11,340,544   32000   256     4       4 / 2      64  768     4 x (64 + 448): the issue's 11.3M
+``50m``     48,246,528   32768   512     10      8 / 4      64  1536    1 x (256 + 1024), 1 x (256 + 4096)
+``103m``    102,966,784  151936  512     8       8 / 4      64  1536    2 x (128 + 896): the issue's 103M
+``0.6b``    Qwen3-0.6B dimensions (596M, tied)                          8 x (256 + 1024), 8 x (256 + 4096)
+``1.7b``    Qwen3-1.7B dimensions (1.7B, tied)                          8 x (256 + 1024), 8 x (256 + 4096)
+==========  ===========  ======  ======  ======  =========  ==  ======  ===============================
+
+``11m`` and ``103m`` reproduce the two measured shapes of the performance issue (~11.3M params at vocab 32000,
+batch 4 x 512 tokens; ~103M params at Qwen's vocab 151936, batch 2 x 1024 tokens); every preset ties its
+embeddings. ``--small`` runs the ``small`` preset (3 timed steps) in well under a minute on a laptop CPU.
+
+``--remat`` takes decoder-layer rematerialisation policies (``none``: keep every activation; ``full``: recompute
+each layer; ``dots``: keep the weight-matmul outputs, recompute the rest), ``--attention`` the attention
+kernels (``xla``, ``cudnn``) and ``--head`` the output heads (``fused``: the fused head whose backward never
+recomputes the logits; ``chunked``: the chunked, rematerialised head); every combination is one row.
 
 Examples::
 
     python scripts/bench_opd_step.py --small
-    python scripts/bench_opd_step.py --preset 1.7b --dtype bfloat16 --attention cudnn --response-lens 1024 4096
+    python scripts/bench_opd_step.py --preset 11m
+    python scripts/bench_opd_step.py --preset 1.7b --dtype bfloat16 --attention xla cudnn --remat dots full \\
+        --head fused chunked --response-lens 1024 4096
 
 The helpers at the top (presets, FLOP formula, peak table, environment record, table printing) are imported by
 the other ``scripts/bench_*.py`` files.
@@ -31,6 +54,7 @@ the other ``scripts/bench_*.py`` files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -41,17 +65,22 @@ import sys
 import time
 from typing import Any
 
-from jopd.models.config import QWEN3_ARCHS  # importing jax does not start a backend
+from jopd.models.config import QWEN3_ARCHS, SUPPORTED_ATTENTION, SUPPORTED_REMAT  # no jax backend started
 
 # ---------------------------------------------------------------------------------------------------------
 # shared helpers (no jax backend is initialised by importing this module)
 # ---------------------------------------------------------------------------------------------------------
-# Qwen3-shaped presets: HF-style dimensions. "small" and "50m" are scaled-down Qwen3 shapes for CPU runs.
+# Qwen3-shaped presets: HF-style dimensions. "small" and "50m" are scaled-down Qwen3 shapes for CPU runs; "11m"
+# and "103m" are the two measured shapes of the performance issue (11.3M at vocab 32000, 103M at Qwen's vocab).
 PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                   num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "11m": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
     "50m": dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=10, num_heads=8,
                 num_kv_heads=4, head_dim=64, tie_word_embeddings=True),
+    "103m": dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                 num_kv_heads=4, head_dim=64, tie_word_embeddings=True),
     "0.6b": QWEN3_ARCHS["0.6b"],
     "1.7b": QWEN3_ARCHS["1.7b"],
     # Teacher-sized shapes for bench_lightning_vs_online.py.
@@ -59,7 +88,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
     "8b": QWEN3_ARCHS["8b"],
 }
-DEFAULT_BATCH = {"small": 2, "50m": 1, "0.6b": 8, "1.7b": 8, "small_teacher": 2, "8b": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+    """The batch and lengths a preset runs at by default: ``batch`` sequences of ``prompt + response`` tokens,
+    one configuration per response length."""
+
+    batch: int
+    prompt: int
+    responses: tuple[int, ...]
+
+
+PRESET_SHAPES: dict[str, RunShape] = {
+    "small": RunShape(batch=2, prompt=32, responses=(128, 512)),
+    "11m": RunShape(batch=4, prompt=64, responses=(448,)),      # 4 x 512 tokens
+    "50m": RunShape(batch=1, prompt=256, responses=(1024, 4096)),
+    "103m": RunShape(batch=2, prompt=128, responses=(896,)),   # 2 x 1024 tokens
+    "0.6b": RunShape(batch=8, prompt=256, responses=(1024, 4096)),
+    "1.7b": RunShape(batch=8, prompt=256, responses=(1024, 4096)),
+    "small_teacher": RunShape(batch=2, prompt=32, responses=(128, 512)),
+    "8b": RunShape(batch=4, prompt=256, responses=(1024, 4096)),
+}
 
 # Dense (non-sparse) bf16 tensor-core peaks, FLOP/s, matched by substring of the lower-cased device kind.
 PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
@@ -68,6 +118,15 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
     ("h200", 989e12, "H200 bf16 dense"),
     ("a100", 312e12, "A100 bf16 dense"),
     ("v5p", 459e12, "TPU v5p bf16"),
+)
+
+# HBM bandwidth, bytes/s (datasheet), for the decode roofline: (substrings all in the lower-cased device kind,
+# bandwidth, label); the first match wins, so the PCIe entry precedes the generic H100 (SXM) one.
+HBM_BANDWIDTH: tuple[tuple[tuple[str, ...], float, str], ...] = (
+    (("h100", "pcie"), 2.0e12, "H100 PCIe HBM2e"),
+    (("h100",), 3.35e12, "H100 SXM HBM3"),
+    (("h200",), 4.8e12, "H200 HBM3e"),
+    (("a100", "80gb"), 2.0e12, "A100 80GB HBM2e"),
 )
 
 MFU_FORMULA = ("FLOPs/step = 6*N_nonemb*tokens + 6*L*B*S^2*H*hd (causal attention, fwd+bwd) "
@@ -83,6 +142,15 @@ def peak_flops(device_kind: str, platform_name: str, cpu_peak_gflops: float) -> 
         if key in kind:
             return value, f"{label} ({value / 1e12:g} TFLOP/s, datasheet)"
     return float("nan"), f"unknown peak for device kind {device_kind!r}: MFU not computed"
+
+
+def hbm_bandwidth(device_kind: str) -> tuple[float, str]:
+    """(HBM bytes/s, where it comes from) for the decode bandwidth limit; NaN and "unknown device" otherwise."""
+    kind = device_kind.lower()
+    for keys, value, label in HBM_BANDWIDTH:
+        if all(k in kind for k in keys):
+            return value, f"{label} ({value / 1e12:g} TB/s, datasheet)"
+    return float("nan"), f"unknown device {device_kind!r}: no HBM bandwidth, decode limit not computed"
 
 
 def nonembedding_params(dims: dict[str, Any]) -> int:
@@ -197,7 +265,7 @@ def is_oom(err: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # the jax benchmark
 # ---------------------------------------------------------------------------------------------------------
-def model_config(preset: str, *, dtype: str = "float32", remat: bool = False, attention: str = "xla",
+def model_config(preset: str, *, dtype: str = "float32", remat: str = "none", attention: str = "xla",
                  param_dtype: str = "float32"):
     from jopd.models import ModelConfig
 
@@ -256,8 +324,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     model = models.from_params(cfg, models.init_params(cfg, seed=0))
     opt = steps.make_optimizer(lr=1e-6, total_steps=1000)
     state = steps.init_state(model.params, opt)
-    step = steps.make_opd_step(cfg, opt, steps.OPDLossConfig(aggregation=spec["aggregation"]), mesh=model.mesh,
-                               state=state, batch_size=b)
+    loss_cfg = steps.OPDLossConfig(aggregation=spec["aggregation"], fused_head=spec["head"] == "fused")
+    step = steps.make_opd_step(cfg, opt, loss_cfg, mesh=model.mesh, state=state, batch_size=b)
     batch = steps.shard_batch(random_batch(np.random.default_rng(0), b, p, r, cfg.vocab_size), model.mesh)
 
     t0 = time.perf_counter()
@@ -282,10 +350,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
+def _run_isolated(spec: dict[str, Any], child_env: dict[str, str]) -> dict[str, Any]:
     """Run one configuration in a fresh process (so the device's peak-memory counter is per configuration)."""
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=child_env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT_JSON:"):
             return json.loads(line[len("RESULT_JSON:"):])
@@ -302,7 +370,7 @@ def run_safe(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 COLUMNS = [("preset", "model"), ("params", "params"), ("batch", "B"), ("seq", "S=P+R"), ("remat", "remat"),
-           ("dtype", "dtype"), ("status", "status"), ("compile_s", "compile s"), ("step_s", "step s"),
+           ("attention", "attn"), ("head", "head"), ("dtype", "dtype"), ("status", "status"), ("compile_s", "compile s"), ("step_s", "step s"),
            ("tokens_per_s", "tok/s"), ("tokens_per_s_best", "best tok/s"),
            ("achieved_tflops", "TFLOP/s"), ("mfu_pct", "MFU %"),
            ("peak_gib", "peak GiB"), ("peak_source", "mem source")]
@@ -310,13 +378,15 @@ COLUMNS = [("preset", "model"), ("params", "params"), ("batch", "B"), ("seq", "S
 
 def add_sweep_args(ap: argparse.ArgumentParser) -> None:
     """The sweep flags this benchmark shares with bench_torch_reference.py, so both measure the same shapes."""
-    ap.add_argument("--small", action="store_true", help="CPU smoke: preset small, P=32, R in (128, 512)")
-    ap.add_argument("--preset", nargs="+", default=None, choices=[k for k in PRESETS if "teacher" not in k])
-    ap.add_argument("--prompt-len", type=int, default=None, help="default 256 (32 with --small)")
-    ap.add_argument("--response-lens", type=int, nargs="+", default=None,
-                    help="default 1024 4096 (128 512 with --small)")
+    ap.add_argument("--small", action="store_true", help="CPU smoke: preset small (B=2, P=32, R in 128, 512), "
+                    "3 timed steps")
+    ap.add_argument("--preset", nargs="+", default=None, choices=[k for k in PRESETS if "teacher" not in k],
+                    help="default 50m (small with --small)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default per preset (PRESET_SHAPES)")
+    ap.add_argument("--response-lens", type=int, nargs="+", default=None, help="default per preset")
     ap.add_argument("--batch-size", type=int, default=None, help="default per preset")
-    ap.add_argument("--remat", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--remat", nargs="+", choices=SUPPORTED_REMAT, default=["none", "full"],
+                    help="decoder-layer rematerialisation policies, one row each")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--aggregation", choices=("seq_mean", "token_mean"), default="seq_mean")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 3 with --small)")
@@ -325,20 +395,35 @@ def add_sweep_args(ap: argparse.ArgumentParser) -> None:
                     help="peak FLOP/s assumed on CPU for MFU (an estimate, not measured)")
 
 
-def sweep_settings(args: argparse.Namespace) -> tuple[list[str], int, list[int], list[bool], int]:
-    """(presets, prompt length, response lengths, remat settings, timed steps) from `add_sweep_args` flags."""
-    presets = args.preset or (["small"] if args.small else ["50m"])
-    prompt = args.prompt_len or (32 if args.small else 256)
-    responses = args.response_lens or ([128, 512] if args.small else [1024, 4096])
-    remats = {"both": [False, True], "on": [True], "off": [False]}[args.remat]
-    return presets, prompt, responses, remats, args.steps or (3 if args.small else 5)
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One (preset, batch, prompt, response) point of a sweep."""
+
+    preset: str
+    batch: int
+    prompt: int
+    response: int
+
+
+def sweep_settings(args: argparse.Namespace) -> tuple[list[Shape], list[str], int]:
+    """(shapes, remat policies, timed steps) from `add_sweep_args` flags; unset lengths come from PRESET_SHAPES."""
+    shapes = []
+    for preset in args.preset or (["small"] if args.small else ["50m"]):
+        default = PRESET_SHAPES[preset]
+        for response in args.response_lens or default.responses:
+            shapes.append(Shape(preset, args.batch_size or default.batch, args.prompt_len or default.prompt,
+                                response))
+    return shapes, list(args.remat), args.steps or (3 if args.small else 5)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(ap)
-    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla")
+    ap.add_argument("--attention", nargs="+", choices=SUPPORTED_ATTENTION, default=["xla"],
+                    help="attention kernels, one row each")
+    ap.add_argument("--head", nargs="+", choices=("fused", "chunked"), default=["fused"],
+                    help="output heads, one row each (OPDLossConfig.fused_head)")
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="one process per configuration (auto: yes on GPU/TPU, for per-config peak memory)")
     ap.add_argument("--out", default="bench_results/opd_step.json")
@@ -349,8 +434,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("RESULT_JSON:" + json.dumps(run_safe(json.loads(args.one)), default=str))
         return {}
 
-    presets, prompt, responses, remats, n_steps = sweep_settings(args)
+    shapes, remats, n_steps = sweep_settings(args)
 
+    # This process only reads the device kind: it must not preallocate the accelerator's memory that the
+    # --isolate children need. The children get the caller's environment unchanged.
+    child_env = dict(os.environ)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env = env_info("jax")
     peak, peak_source = peak_flops(env["device_kind"], env["platform"], args.cpu_peak_gflops)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and env["platform"] != "cpu")
@@ -358,23 +447,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"MFU: {MFU_FORMULA}")
 
     rows = []
-    for preset in presets:
-        for response in responses:
-            for remat in remats:
-                spec = dict(preset=preset, batch=args.batch_size or DEFAULT_BATCH[preset], prompt=prompt,
-                            response=response, remat=remat, dtype=args.dtype, attention=args.attention,
-                            aggregation=args.aggregation, steps=n_steps, warmup=args.warmup)
-                row = _run_isolated(spec) if isolate else run_safe(spec)
-                if row["status"] == "ok":
-                    row["mfu_pct"] = 100.0 * row["flops_per_step"] / row["step_s"] / peak
-                    row["peak_gib"] = (row["peak_bytes"] or float("nan")) / 2**30
-                else:
-                    row.setdefault("seq", prompt + response)
-                    print(f"  {preset} R={response} remat={remat}: {row['status']}: "
-                          f"{row.get('error', '')[:300]}")
-                rows.append(row)
-                print(f"  done {preset} R={response} remat={remat}: {row['status']} "
-                      f"{fmt(row.get('step_s', float('nan')))} s/step", flush=True)
+    for shape in shapes:
+        for remat in remats:
+            for attention in args.attention:
+                for head in args.head:
+                    spec = dict(dataclasses.asdict(shape), remat=remat, attention=attention, head=head,
+                                dtype=args.dtype, aggregation=args.aggregation, steps=n_steps, warmup=args.warmup)
+                    row = _run_isolated(spec, child_env) if isolate else run_safe(spec)
+                    name = f"{shape.preset} R={shape.response} remat={remat} attn={attention} head={head}"
+                    if row["status"] == "ok":
+                        row["mfu_pct"] = 100.0 * row["flops_per_step"] / row["step_s"] / peak
+                        row["peak_gib"] = (row["peak_bytes"] or float("nan")) / 2**30
+                    else:
+                        row.setdefault("seq", shape.prompt + shape.response)
+                        print(f"  {name}: {row['status']}: {row.get('error', '')[:300]}")
+                    rows.append(row)
+                    print(f"  done {name}: {row['status']} {fmt(row.get('step_s', float('nan')))} s/step",
+                          flush=True)
     print()
     print_table(rows, COLUMNS)
     payload = {"benchmark": "opd_step", "framework": "jopd", "env": env, "peak_flops": peak,

@@ -10,7 +10,8 @@ verl-style trainers do it:
 5. ``clip_grad_norm_(1.0)`` and an ``AdamW`` step (betas 0.9/0.98, eps 1e-8, no weight decay, as jopd).
 
 bf16 (``--dtype bfloat16``) is mixed precision like jopd: fp32 parameters and optimizer state, bf16 compute
-under ``torch.autocast``. ``--remat`` uses ``gradient_checkpointing_enable()``. Timing: median of ``--steps``
+under ``torch.autocast``. ``--remat full`` uses ``gradient_checkpointing_enable()`` (``none``: off; ``dots``
+has no counterpart in this path and its rows are recorded as skipped). Timing: median of ``--steps``
 steps after ``--warmup``, synchronised on GPU. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on
 CPU the process's peak RSS (``ru_maxrss``, includes the Python runtime; a rough number).
 
@@ -19,6 +20,7 @@ Compare with jopd afterwards: ``python scripts/bench_compare.py`` (reads both JS
 Examples::
 
     python scripts/bench_torch_reference.py --small
+    python scripts/bench_torch_reference.py --preset 11m
     python scripts/bench_torch_reference.py --preset 1.7b --dtype bfloat16 --attn sdpa --response-lens 1024 4096
 """
 
@@ -36,7 +38,6 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_opd_step import (  # noqa: E402 - the shared helpers live next to this script
-    DEFAULT_BATCH,
     MFU_FORMULA,
     PRESETS,
     add_sweep_args,
@@ -51,8 +52,11 @@ from bench_opd_step import (  # noqa: E402 - the shared helpers live next to thi
     write_json,
 )
 
+# jopd remat policy -> gradient checkpointing on/off; a policy missing here has no torch counterpart.
+TORCH_REMAT = {"none": False, "full": True}
 
-def build_model(preset: str, attn: str, remat: bool, device: torch.device):
+
+def build_model(preset: str, attn: str, checkpointing: bool, device: torch.device):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     d = PRESETS[preset]
@@ -63,7 +67,7 @@ def build_model(preset: str, attn: str, remat: bool, device: torch.device):
                       max_position_embeddings=1 << 16, use_cache=False)
     cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).to(device)
-    if remat:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
@@ -103,7 +107,7 @@ def run_one(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     b, p, r = spec["batch"], spec["prompt"], spec["response"]
     seq = p + r
     row = dict(spec, seq=seq, tokens_per_step=b * seq, params=total_params(PRESETS[spec["preset"]]))
-    model = build_model(spec["preset"], spec["attn"], spec["remat"], device)
+    model = build_model(spec["preset"], spec["attn"], TORCH_REMAT[spec["remat"]], device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
     tokens, mask, teacher = make_batch(torch.Generator().manual_seed(0), b, p, r,
                                        PRESETS[spec["preset"]]["vocab_size"], device)
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="bench_results/torch_reference.json")
     args = ap.parse_args(argv)
 
-    presets, prompt, responses, remats, n_steps = sweep_settings(args)
+    shapes, remats, n_steps = sweep_settings(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,14 +183,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"device: {env['device_kind']} ({env['platform']}), torch {env['torch']}, peak for MFU: {peak_source}")
 
     rows = []
-    for preset in presets:
-        for response in responses:
-            for remat in remats:
-                spec = dict(preset=preset, batch=args.batch_size or DEFAULT_BATCH[preset], prompt=prompt,
-                            response=response, remat=remat, dtype=args.dtype, attn=args.attn,
-                            aggregation=args.aggregation, detach_old=args.detach_old,
-                            old_pass="detach" if args.detach_old else "no_grad fwd", steps=n_steps,
-                            warmup=args.warmup)
+    for shape in shapes:
+        for remat in remats:
+            spec = dict(preset=shape.preset, batch=shape.batch, prompt=shape.prompt, response=shape.response,
+                        remat=remat, dtype=args.dtype, attn=args.attn, aggregation=args.aggregation,
+                        detach_old=args.detach_old, old_pass="detach" if args.detach_old else "no_grad fwd",
+                        steps=n_steps, warmup=args.warmup)
+            if remat not in TORCH_REMAT:
+                row = dict(spec, seq=shape.prompt + shape.response, status="skipped",
+                           note=f"remat {remat!r}: no such policy in the torch path (only none / full)")
+            else:
                 try:
                     row = run_one(spec, device)  # model and optimizer are freed when it returns
                     if device.type == "cuda":
@@ -196,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 except Exception as e:  # noqa: BLE001 - an OOM configuration must not stop the sweep
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    row = dict(spec, seq=prompt + response, status="oom" if is_oom(e) else "error",
+                    row = dict(spec, seq=shape.prompt + shape.response, status="oom" if is_oom(e) else "error",
                                error=f"{type(e).__name__}: {str(e)[:500]}")
-                rows.append(row)
-                print(f"  done {preset} R={response} remat={remat}: {row['status']} "
-                      f"{fmt(row.get('step_s', float('nan')))} s/step", flush=True)
+            rows.append(row)
+            print(f"  done {shape.preset} R={shape.response} remat={remat}: {row['status']} "
+                  f"{fmt(row.get('step_s', float('nan')))} s/step {row.get('note', '')}", flush=True)
     print()
     print_table(rows, COLUMNS)
     payload = {"benchmark": "opd_step", "framework": "torch", "env": env, "peak_flops": peak,
