@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         detach_old=args.detach_old, old_pass="detach" if args.detach_old else "no_grad fwd",
                         steps=n_steps, warmup=args.warmup)
             if remat not in TORCH_REMAT:
-                row = dict(spec, seq=shape.prompt + shape.response, status="skipped",
+                row = dict(spec, seq=shape.prompt + shape.response, params=total_params(PRESETS[shape.preset]),
+                           status="skipped",
                            note=f"remat {remat!r}: no such policy in the torch path (only none / full)")
             else:
                 try:

@@ -95,3 +95,26 @@ def smollm2_dir() -> pathlib.Path:
     if _ci():
         pytest.fail(f"CI=true but the SmolLM2 model is unavailable: {problem}")
     pytest.skip(problem)
+
+
+def three_arm_config(run_dir: pathlib.Path, **extra):
+    """A run config with teachers A and B and arms lightning_A, lightning_B (inconsistent), online_A."""
+    from jopd.config import load_config
+
+    arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+            "num_kv_heads": 1, "head_dim": 16}
+    data = {"run_dir": str(run_dir), "stages": ["eval", "export", "report"],
+            "teachers": {"A": {"init": arch, "style": "A"}, "B": {"init": arch, "style": "B"}},
+            "student": {"init": arch}, "sft_teacher": "A", "precompute": {"teachers": ["A", "B"]},
+            "arms": [{"name": "lightning_A", "mode": "lightning", "teacher": "A"},
+                     {"name": "lightning_B", "mode": "lightning", "teacher": "B", "allow_inconsistent_teacher": True},
+                     {"name": "online_A", "mode": "online", "teacher": "A"}]}
+    data.update(extra)
+    return load_config(data=data)
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import three_arm_config as _config
+from conftest import write_jsonl as _jsonl
 
 from jopd import evaluation
-from jopd.config import ArchSection, PrecisionSection, load_config
+from jopd.config import ArchSection, PrecisionSection
 from jopd.data import arithmetic
 from jopd.data import tokenizer as toklib
 from jopd.io import atomic_write_json
@@ -172,22 +174,6 @@ def test_avg_at_k_accuracy_and_its_standard_error(student, tok):
 
 
 # ----------------------------------------------------------------------------------------------- run dirs
-def _config(run_dir: Path, **extra):
-    arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
-            "num_kv_heads": 1, "head_dim": 16}
-    data = {"run_dir": str(run_dir), "stages": ["eval", "export", "report"],
-            "teachers": {"A": {"init": arch, "style": "A"}, "B": {"init": arch, "style": "B"}},
-            "student": {"init": arch}, "sft_teacher": "A", "precompute": {"teachers": ["A", "B"]},
-            "arms": [{"name": "lightning_A", "mode": "lightning", "teacher": "A"},
-                     {"name": "lightning_B", "mode": "lightning", "teacher": "B", "allow_inconsistent_teacher": True},
-                     {"name": "online_A", "mode": "online", "teacher": "A"}]}
-    data.update(extra)
-    return load_config(data=data)
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _run(cfg, mesh) -> Run:

@@ -12,7 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jopd.losses import aggregate, loss_denominators, low_var_kl, opd_loss, sft_loss
+from jopd.losses import (
+    aggregate,
+    loss_denominators,
+    low_var_kl,
+    opd_loss,
+    opd_token_loss,
+    sft_loss,
+    token_weights,
+)
 
 B, T = 6, 11
 EPS = 0.2
@@ -207,6 +215,50 @@ def test_packed_seq_mean_matches_numpy_and_accumulates():
 def test_segment_ids_shape_is_checked():
     with pytest.raises(ValueError, match="segment_ids"):
         aggregate(jnp.zeros((2, 3)), jnp.ones((2, 3)), "seq_mean", segment_ids=jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids"):
+        token_weights(jnp.ones((2, 3)), "seq_mean", segment_ids=jnp.ones((2, 4), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token weights: aggregate(x) == sum(token_weights * x)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [{}, {"num_tokens": 37.0, "num_seqs": 7.0}], ids=["local", "overrides"])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+def test_token_weights_match_aggregate(data, mode, overrides):
+    m, x = data["mask"], data["teacher"]
+    w = token_weights(_j(m), mode, **overrides)
+    assert w.shape == (B, T) and w.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(w), np_denominator(m, mode, **overrides), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(float(jnp.sum(w * _j(x))), float(aggregate(_j(x), _j(m), mode, **overrides)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(jnp.sum(w * _j(x))), np_aggregate(x, m, mode, **overrides), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+def test_token_weights_empty_mask_is_zero(mode):
+    np.testing.assert_array_equal(np.asarray(token_weights(jnp.zeros((2, 3)), mode)), 0.0)
+    np.testing.assert_array_equal(np.asarray(token_weights(jnp.ones((2, 3)), mode, num_seqs=0.0,
+                                                           num_tokens=0.0)), 0.0)
+
+
+def test_packed_token_weights_match_aggregate_and_split_into_micro_batches():
+    rng = np.random.default_rng(2)
+    seg, m = _packed_rows(rng)
+    x = rng.normal(size=(B, T))
+    _, _, grad = np_packed_seq_mean(x, m, seg)
+    segj = jnp.asarray(seg)
+    w = token_weights(_j(m), "seq_mean", segment_ids=segj)
+    np.testing.assert_allclose(np.asarray(w), grad, rtol=1e-6, atol=0)  # padding (row 1) and empty segment: 0
+    np.testing.assert_allclose(float(jnp.sum(w * _j(x))),
+                               float(aggregate(_j(x), _j(m), "seq_mean", segment_ids=segj)), rtol=1e-6)
+    w_tok = token_weights(_j(m), "token_mean", segment_ids=segj)
+    np.testing.assert_allclose(np.asarray(w_tok), np_denominator(m, "token_mean"), rtol=1e-6, atol=0)
+    # micro-batches of rows with the full-batch denominators: exactly the full batch's weights
+    num_tokens, num_seqs = loss_denominators(_j(m), segj)
+    for mode, full in (("seq_mean", w), ("token_mean", w_tok)):
+        parts = [token_weights(_j(m[r]), mode, num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=segj[r])
+                 for r in (slice(0, 4), slice(4, B))]
+        np.testing.assert_allclose(np.concatenate([np.asarray(p) for p in parts]), np.asarray(full), rtol=1e-6)
 
 # ----------------------------------------------------------------------------------------------------------
 # opd_loss values
@@ -319,6 +371,57 @@ def test_gradient_matches_finite_differences_float64(data, case, mode):
         g = np.asarray(jax.grad(f)(s))
         fd = _central_fd(f, data["student"])
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
+
+
+TOKEN_LOSS_CASES = {
+    "plain": {},
+    "tis": {"behaviour": True, "tis_cap": 1.5},
+    "kl": {"ref": True, "kl_coef": 0.3},
+    "tis_kl_asym": {"behaviour": True, "tis_cap": 1.2, "ref": True, "kl_coef": 0.1, "eps_low": 0.1,
+                    "eps_high": 0.28},
+}
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("case", list(TOKEN_LOSS_CASES))
+def test_opd_token_loss_times_weights_is_the_fused_opd_loss(data, case, mode):
+    """sum(token_weights * opd_token_loss) equals opd_loss (fused) in value and gradient, also with
+    full-batch denominator overrides, and each token's term only depends on that token."""
+    jk, nk = _call_kwargs(data, TOKEN_LOSS_CASES[case])
+    m = _j(data["mask"])
+    overrides = {"num_tokens": jnp.float32(41.0), "num_seqs": jnp.float32(6.0)}
+
+    def fused(s):
+        return opd_loss(s, _j(data["teacher"]), m, aggregation=mode, **jk, **overrides)[0]
+
+    def factored(s):
+        per_token = opd_token_loss(s, _j(data["teacher"]), m, **jk)
+        return jnp.sum(token_weights(m, mode, **overrides) * per_token)
+
+    s = _j(data["student"])
+    np.testing.assert_allclose(float(factored(s)), float(fused(s)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(factored)(s)), np.asarray(jax.grad(fused)(s)), rtol=1e-6,
+                               atol=1e-9)
+    num_tokens = float(overrides["num_tokens"]) if mode == "token_mean" else None
+    num_seqs = float(overrides["num_seqs"]) if mode == "seq_mean" else None
+    np.testing.assert_allclose(float(factored(s)), np_opd(data, mode=mode, num_tokens=num_tokens,
+                                                          num_seqs=num_seqs, **nk), rtol=2e-5)
+    per_token = np.asarray(opd_token_loss(s, _j(data["teacher"]), m, **jk))
+    assert np.all(per_token[data["mask"] == 0] == 0.0)
+    cols = slice(3, 8)  # any slice of positions gives the same per-token values
+    part = opd_token_loss(s[:, cols], _j(data["teacher"])[:, cols], m[:, cols],
+                          **{k: (v[:, cols] if isinstance(v, jax.Array) else v) for k, v in jk.items()})
+    np.testing.assert_array_equal(np.asarray(part), per_token[:, cols])
+
+
+def test_opd_token_loss_validates():
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="behaviour_logprobs"):
+        opd_token_loss(x, x, jnp.ones((2, 3)), tis_cap=2.0)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        opd_token_loss(x, x, jnp.ones((2, 3)), kl_coef=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        opd_token_loss(x, jnp.zeros((2, 4)), jnp.ones((2, 3)))
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])

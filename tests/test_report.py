@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import three_arm_config as _config
+from conftest import write_jsonl as _jsonl
 
-from jopd.config import load_config
 from jopd.io import atomic_write_json
 from jopd.layout import RunLayout
 from jopd.report import compare_accuracy, write_report
@@ -35,22 +36,6 @@ def test_report_uses_paired_standard_errors_when_per_prompt_results_exist():
 
 
 # ----------------------------------------------------------------------------------------------- run dirs
-def _config(run_dir: Path, **extra):
-    arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
-            "num_kv_heads": 1, "head_dim": 16}
-    data = {"run_dir": str(run_dir), "stages": ["eval", "export", "report"],
-            "teachers": {"A": {"init": arch, "style": "A"}, "B": {"init": arch, "style": "B"}},
-            "student": {"init": arch}, "sft_teacher": "A", "precompute": {"teachers": ["A", "B"]},
-            "arms": [{"name": "lightning_A", "mode": "lightning", "teacher": "A"},
-                     {"name": "lightning_B", "mode": "lightning", "teacher": "B", "allow_inconsistent_teacher": True},
-                     {"name": "online_A", "mode": "online", "teacher": "A"}]}
-    data.update(extra)
-    return load_config(data=data)
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _arm_rows(step_s: list[float], accs: list[float], kls: list[float], **phases: float) -> list[dict]:
