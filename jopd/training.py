@@ -63,8 +63,14 @@ class StoreBatches:
     rows: int
     packed: bool
     row_len: int
-    describe: Callable[[int], str]
+    plan_describe: Callable[[int], str] | None  # packed: the plan names a batch's rows from its step alone
     _last_rows: list[int] = dataclasses.field(default_factory=list)
+
+    def describe(self, step: int) -> str:
+        """The store rows of step ``step`` (1-based; padded: the last batch taken, this process's rows)."""
+        if self.plan_describe is not None:
+            return self.plan_describe(step)
+        return f"store rows {self._last_rows} (this process's)"
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -85,9 +91,7 @@ def store_batches(store_path: str | Path, *, batch_size: int, token_budget: int 
         return StoreBatches(iter(ds), plan.rows, True, plan.row_len, lambda step: plan.describe(step - 1))
     it = loader.make_loader(store_path, global_batch_size=batch_size, seed=seed, shuffle=shuffle, seq_len="auto",
                             fields=tuple(fields) + (loader.ROW_INDEX,))
-    out = StoreBatches(it, batch_size, False, 0, lambda step: "")
-    out.describe = lambda step: f"store rows {out._last_rows} (this process's)"
-    return out
+    return StoreBatches(it, batch_size, False, 0, None)
 
 
 def fixed_batches(store_path: str | Path, *, batch_size: int, fields: Sequence[str]) -> list[dict[str, np.ndarray]]:
@@ -248,12 +252,12 @@ class OnlineBatches(looplib.Hook):
 
     def prompt_indices(self, step: int) -> list[int]:
         """Indices of the prompts of step ``step`` (1-based)."""
-        out = []
-        for position in range((step - 1) * self.batch_size, step * self.batch_size):
-            epoch, j = divmod(position, len(self.prompts))
-            perm = np.random.default_rng([self.seed, epoch, 0x0B5]).permutation(len(self.prompts))
-            out.append(int(perm[j]))
-        return out
+        n = len(self.prompts)
+        positions = np.arange((step - 1) * self.batch_size, step * self.batch_size)
+        epochs, within = np.divmod(positions, n)
+        # One permutation per pass the batch touches (usually one), not one per prompt.
+        perms = {int(e): np.random.default_rng([self.seed, int(e), 0x0B5]).permutation(n) for e in np.unique(epochs)}
+        return [int(perms[int(e)][j]) for e, j in zip(epochs, within)]
 
     def describe(self, step: int) -> str:
         return f"opd prompt indices {self.prompt_indices(step)}"

@@ -347,7 +347,7 @@ class _ReadPackedBatch:
         rows = self.plan.batch(int(step))[lo:hi]
         indices = [i for row in rows for i in row]
         length = self.plan.row_len
-        fields = [f for f in self.source.fields]
+        fields = self.source.fields
         out = {}
         for f in fields:
             dtype, _, kind = ARRAYS[f] if f in ARRAYS else (np.dtype(np.int32), "rollout", "token")
