@@ -97,10 +97,12 @@ class PrecisionSection:
     param_dtype: Literal["float32", "bfloat16"] = doc("Dtype of the trained (master) weights.", "float32")
     compute_dtype: Literal["float32", "bfloat16"] = doc(
         "Dtype of matmuls/activations (bfloat16 on accelerators; log-probs and losses are always fp32).", "float32")
-    remat: Literal["none", "full", "dots"] = doc(
-        "What each decoder layer keeps for the backward pass: none = everything (fastest, most memory); full = only "
-        "its input (the whole layer is recomputed); dots = its input and its weight-matmul outputs (attention "
-        "scores and elementwise ops recomputed).", "none")
+    remat: Literal["none", "attention", "dots", "full"] = doc(
+        "What each decoder layer keeps for the backward pass: none = everything; attention = everything but the "
+        "attention core's [B, H, T, T] scores/probs, recomputed in the backward as flash attention does (the "
+        "layer's matmul outputs are kept: little extra compute, most of the memory saved at long T); dots = its "
+        "input and its weight-matmul outputs (attention and elementwise ops recomputed); full = only its input "
+        "(the whole layer is recomputed).", "attention")
     teacher_dtype: Literal["float32", "bfloat16"] | None = doc(
         "Dtype teachers are held in (never trained: bfloat16 halves their memory); null = param_dtype.", None)
     attention_impl: Literal["xla", "cudnn"] = doc("Attention kernel: xla (any backend) or cudnn (NVIDIA).", "xla")

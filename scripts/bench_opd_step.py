@@ -5,7 +5,9 @@ For every (preset, response length, remat policy, attention, output head) config
 * step time: median of ``--steps`` timed steps after ``--warmup`` untimed ones, each ``block_until_ready``;
 * tokens/s: ``batch * (prompt + response)`` tokens per step (every position is forwarded and back-propagated);
 * peak memory: ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]`` where the backend reports it (GPU/TPU),
-  else the compiled executable's ``memory_analysis()`` (arguments + outputs - aliased + temporaries);
+  else the compiled executable's ``memory_analysis()`` (arguments + outputs - aliased + temporaries); and the
+  process's peak RSS (``ru_maxrss``, what bench_torch_reference.py reports on CPU; each configuration runs in
+  its own process);
 * MFU: model FLOPs per step / step time / peak FLOP/s, with
 
       FLOPs = 6 * N_nonemb * tokens                                  (dense matmuls, fwd + bwd)
@@ -35,8 +37,9 @@ preset      params       vocab   hidden  layers  heads/kv   hd  ffn     default 
 batch 4 x 512 tokens; ~103M params at Qwen's vocab 151936, batch 2 x 1024 tokens); every preset ties its
 embeddings. ``--small`` runs the ``small`` preset (3 timed steps) in well under a minute on a laptop CPU.
 
-``--remat`` takes decoder-layer rematerialisation policies (``none``: keep every activation; ``full``: recompute
-each layer; ``dots``: keep the weight-matmul outputs, recompute the rest), ``--attention`` the attention
+``--remat`` takes decoder-layer rematerialisation policies (``none``: keep every activation; ``attention``: keep
+all but the attention scores/probs, recomputed in the backward; ``dots``: keep the weight-matmul outputs,
+recompute the rest; ``full``: recompute each layer), ``--attention`` the attention
 kernels (``xla``, ``cudnn``) and ``--head`` the output heads (``fused``: the fused head whose backward never
 recomputes the logits; ``chunked``: the chunked, rematerialised head); every combination is one row.
 
@@ -342,6 +345,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss}")
     row.update(memory_numbers(compiled))
+    import resource  # the whole process's high-water mark: meaningful per configuration under --isolate
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step_s = statistics.median(times)
     flops = train_flops(PRESETS[spec["preset"]], b, seq)
     row.update(step_s=step_s, step_min_s=min(times), step_times_s=times, tokens_per_s=b * seq / step_s,
@@ -373,7 +378,7 @@ COLUMNS = [("preset", "model"), ("params", "params"), ("batch", "B"), ("seq", "S
            ("attention", "attn"), ("head", "head"), ("dtype", "dtype"), ("status", "status"), ("compile_s", "compile s"), ("step_s", "step s"),
            ("tokens_per_s", "tok/s"), ("tokens_per_s_best", "best tok/s"),
            ("achieved_tflops", "TFLOP/s"), ("mfu_pct", "MFU %"),
-           ("peak_gib", "peak GiB"), ("peak_source", "mem source")]
+           ("peak_gib", "peak GiB"), ("peak_source", "mem source"), ("rss_gib", "RSS GiB")]
 
 
 def add_sweep_args(ap: argparse.ArgumentParser) -> None:
@@ -385,7 +390,7 @@ def add_sweep_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-len", type=int, default=None, help="default per preset (PRESET_SHAPES)")
     ap.add_argument("--response-lens", type=int, nargs="+", default=None, help="default per preset")
     ap.add_argument("--batch-size", type=int, default=None, help="default per preset")
-    ap.add_argument("--remat", nargs="+", choices=SUPPORTED_REMAT, default=["none", "full"],
+    ap.add_argument("--remat", nargs="+", choices=SUPPORTED_REMAT, default=["attention", "full"],
                     help="decoder-layer rematerialisation policies, one row each")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--aggregation", choices=("seq_mean", "token_mean"), default="seq_mean")
@@ -424,8 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="attention kernels, one row each")
     ap.add_argument("--head", nargs="+", choices=("fused", "chunked"), default=["fused"],
                     help="output heads, one row each (OPDLossConfig.fused_head)")
-    ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
-                    help="one process per configuration (auto: yes on GPU/TPU, for per-config peak memory)")
+    ap.add_argument("--isolate", choices=("yes", "no"), default="yes",
+                    help="one process per configuration, so peak device memory and peak RSS are per configuration")
     ap.add_argument("--out", default="bench_results/opd_step.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env = env_info("jax")
     peak, peak_source = peak_flops(env["device_kind"], env["platform"], args.cpu_peak_gflops)
-    isolate = args.isolate == "yes" or (args.isolate == "auto" and env["platform"] != "cpu")
+    isolate = args.isolate == "yes"
     print(f"device: {env['device_kind']} ({env['platform']}), jax {env['jax']}, peak for MFU: {peak_source}")
     print(f"MFU: {MFU_FORMULA}")
 
@@ -458,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if row["status"] == "ok":
                         row["mfu_pct"] = 100.0 * row["flops_per_step"] / row["step_s"] / peak
                         row["peak_gib"] = (row["peak_bytes"] or float("nan")) / 2**30
+                        row["rss_gib"] = row["peak_rss_bytes"] / 2**30
                     else:
                         row.setdefault("seq", shape.prompt + shape.response)
                         print(f"  {name}: {row['status']}: {row.get('error', '')[:300]}")

@@ -239,8 +239,12 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
         else:
             ws_fwd, f_fwd = layer_working_set(m, b, s, tp, cb, grad=False)
             lines.append(Line("saved activations (no remat)", f"L × [{f_fwd}]", m.num_layers * ws_fwd, "work"))
-            att = attention_lines(m, b, s, s, tp, cb, p.attention_impl, grad=False)[0]
-            lines.append(Line(att.name + " × L (saved)", f"L × {att.formula}", m.num_layers * att.bytes, "work"))
+            if p.remat == "attention" and p.attention_impl == "xla":
+                # scores/probs are recomputed in the backward: one layer's worth at a time
+                lines += attention_lines(m, b, s, s, tp, cb, p.attention_impl, grad=True)
+            else:
+                att = attention_lines(m, b, s, s, tp, cb, p.attention_impl, grad=False)[0]
+                lines.append(Line(att.name + " × L (saved)", f"L × {att.formula}", m.num_layers * att.bytes, "work"))
             lines.append(Line("backward of one layer", ws_f, ws, "work"))
         v = _div(m.vocab_size, tp)
         c = min(p.logits_chunk_size, s)

@@ -326,7 +326,7 @@ def _assert_trees_close(a, b, rel):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", ["none", "attention", "dots", "full"])
 def test_chunked_equals_naive(tiny, remat):
     config, params, batch, lp_naive, g_naive = tiny
     (_, lp), grads = _value_and_grad(logprobs_fn, config.replace(remat=remat))(params, *batch)

@@ -23,7 +23,7 @@ SUPPORTED_ATTENTION = ("xla", "cudnn")
 # What a decoder layer keeps for the backward pass: everything ("none"), only its input ("full": all of the
 # layer is recomputed), or its input and the outputs of its weight matmuls ("dots": attention scores, softmax
 # and elementwise ops are recomputed).
-SUPPORTED_REMAT = ("none", "full", "dots")
+SUPPORTED_REMAT = ("none", "attention", "dots", "full")
 
 
 # Real Qwen3 dimensions (config.json of Qwen/Qwen3-*-Base and Qwen/Qwen3-*, which share their architecture), as
@@ -82,7 +82,7 @@ class ModelConfig:
     # --- runtime (jopd) settings ---
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"  # rematerialisation policy of each decoder layer (SUPPORTED_REMAT)
+    remat: str = "attention"  # rematerialisation policy of each decoder layer (SUPPORTED_REMAT)
     attention_impl: str = "xla"  # "xla" (einsum, any backend) or "cudnn" (fused kernel on NVIDIA GPUs)
     logits_chunk_size: int = 256  # sequence positions per chunk of the chunked log-prob head
 

@@ -1,7 +1,7 @@
 """The decoder: one Flax (Linen) module for llama / qwen2 / qwen3 / qwen3_moe.
 
 Layers are stacked and run under ``nn.scan`` (one compiled layer, params with a leading ``[layers]`` axis),
-under a rematerialisation policy (``config.remat``: none / full / dots). The module returns final-norm hidden states; the output projection is applied
+under a rematerialisation policy (``config.remat``: none / attention / dots / full). The module returns final-norm hidden states; the output projection is applied
 separately (see :mod:`jopd.models.logprobs`) so that log-probs never need the full ``[B, T, V]`` logits.
 
 Numerics follow transformers: RMSNorm in fp32, rotate-half RoPE with fp32 angles, softmax in fp32, MoE router
@@ -85,6 +85,20 @@ def _kernel_init(scale: float = 0.02):
     return nn.initializers.normal(stddev=scale)
 
 
+def _attention_core(q: Array, k: Array, v: Array, mask: Array, scale: float, dt: Any) -> Array:
+    """softmax(q k^T * scale, masked) v with grouped query heads (GQA, no kv repeat); softmax in fp32.
+
+    q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] (True = attend) -> [B, T, H, Dh].
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_acc(dt)) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -128,11 +142,12 @@ class Attention(nn.Module):
         if cfg.attention_impl == "cudnn" and cache is None:
             out = jax.nn.dot_product_attention(q, kk, v, scale=scale, is_causal=True, implementation="cudnn")
         else:
-            qg = q.reshape(b, t, k, h // k, hd)  # group query heads by their kv head (GQA, no kv repeat)
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=_acc(dt)) * scale
-            scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+            core = _attention_core
+            if cfg.remat == "attention" and cache is None:
+                # Recompute the [B, H, T, S] scores/probs in the backward pass instead of saving them per layer
+                # (as flash attention does): they are most of a layer's activations at long T, cheap to redo.
+                core = jax.checkpoint(_attention_core, static_argnums=(4, 5), prevent_cse=False)
+            out = core(q, kk, v, mask, scale, dt)
         y = dense(out.reshape(b, t, h * hd), wo.reshape(h * hd, d))
         return y, cache
 
