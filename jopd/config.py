@@ -106,7 +106,9 @@ class PrecisionSection:
     teacher_dtype: Literal["float32", "bfloat16"] | None = doc(
         "Dtype teachers are held in (never trained: bfloat16 halves their memory); null = param_dtype.", None)
     attention_impl: Literal["xla", "cudnn"] = doc("Attention kernel: xla (any backend) or cudnn (NVIDIA).", "xla")
-    logits_chunk_size: int = doc("Sequence positions per chunk of the log-prob head.", 256)
+    logits_chunk_size: int = doc(
+        "Sequence positions per chunk of the log-prob head: its working memory is a few [batch, chunk, vocab] "
+        "fp32 buffers (at vocab 151936 and 2 rows, 128 positions are 155 MB each).", 128)
 
     def problems(self, where: str) -> list[str]:
         return _positive(f"{where}.logits_chunk_size", self.logits_chunk_size)

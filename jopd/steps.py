@@ -161,8 +161,10 @@ def _fused_head_loss(params: Any, config: ModelConfig, batch: Batch, per_token_l
     seg = batch.get("segment_ids")
     h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg)
     valid = prediction_mask(batch["response_mask"], seg)
-    return fused_head_loss(h, output_kernel(params, config), batch["tokens"], valid, per_token_loss, aux,
-                           chunk=config.logits_chunk_size)
+    tied = config.tie_word_embeddings  # the embedding as stored, [V, D]: its gradient needs no transpose
+    w_out = params["embedding"] if tied else output_kernel(params, config)
+    return fused_head_loss(h, w_out, batch["tokens"], valid, per_token_loss, aux,
+                           chunk=config.logits_chunk_size, vocab_major=tied)
 
 
 def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig, num_tokens: Array,
@@ -264,12 +266,15 @@ def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array]
            optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
     grad_norm = _tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # Skip (keep the old state) when anything is non-finite; the caller raises with the batch identified.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = TrainState(state.step + finite.astype(jnp.int32), keep(new_params, state.params),
-                           keep(new_opt, state.opt_state))
+
+    def update(state: TrainState) -> TrainState:
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), new_opt)
+
+    # Skip (keep the old state) when anything is non-finite; the caller raises with the batch identified. A
+    # conditional, not a select of old and new: XLA then updates the donated state in place, where the select
+    # needs a copy of the largest Adam moments (2 x the embedding's size at the step's end).
+    new_state = jax.lax.cond(finite, update, lambda state: state, state)
     out = dict(metrics)
     out.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite)
     return new_state, out

@@ -146,12 +146,16 @@ def _reference_loss(hidden, w_out, tokens, valid, per_token, aux):
     return jnp.sum(per_token(lp, aux)), lp
 
 
+@pytest.mark.parametrize("vocab_major", [False, True])  # [D, V] kernel / a tied [V, D] embedding
 @pytest.mark.parametrize("chunk", [4, 10, 16])  # 10 predictions a row: partial last chunk / exact / one
-def test_fused_head_loss_matches_float64_full_logits(x64, chunk):
+def test_fused_head_loss_matches_float64_full_logits(x64, chunk, vocab_major):
     args = _head_inputs(0, jnp.float64)
     hidden, w_out, tokens, valid, per_token, aux = args
     ref_fn = functools.partial(_reference_loss, tokens=tokens, valid=valid, per_token=per_token, aux=aux)
-    fused = jax.jit(lambda h, w: models.fused_head_loss(h, w, tokens, valid, per_token, aux, chunk=chunk))
+    # vocab_major: the kernel is given as [V, D] and its gradient must come back in that layout
+    layout = (lambda w: w.T) if vocab_major else (lambda w: w)  # noqa: E731
+    fused = jax.jit(lambda h, w: models.fused_head_loss(h, layout(w), tokens, valid, per_token, aux, chunk=chunk,
+                                                        vocab_major=vocab_major))
     (ref_loss, ref_lp), ref_grads = jax.value_and_grad(ref_fn, (0, 1), has_aux=True)(hidden, w_out)
     (loss, lp), grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(hidden, w_out)
     assert float(ref_loss) != 0.0 and np.all(np.asarray(ref_lp)[np.asarray(valid)] < 0)
@@ -163,8 +167,8 @@ def test_fused_head_loss_matches_float64_full_logits(x64, chunk):
 
     # float32 inputs: within float32 round-off of the float64 reference
     args32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x, (hidden, w_out, aux))
-    fused32 = jax.jit(lambda h, w: models.fused_head_loss(h, w, tokens, valid, per_token, args32[2],
-                                                         chunk=chunk)[0])
+    fused32 = jax.jit(lambda h, w: models.fused_head_loss(h, layout(w), tokens, valid, per_token, args32[2],
+                                                         chunk=chunk, vocab_major=vocab_major)[0])
     loss32, grads32 = jax.value_and_grad(fused32, (0, 1))(*args32[:2])
     assert loss32.dtype == jnp.float32 and grads32[0].dtype == jnp.float32
     np.testing.assert_allclose(float(loss32), float(ref_loss), rtol=1e-5)

@@ -84,7 +84,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "attention"  # rematerialisation policy of each decoder layer (SUPPORTED_REMAT)
     attention_impl: str = "xla"  # "xla" (einsum, any backend) or "cudnn" (fused kernel on NVIDIA GPUs)
-    logits_chunk_size: int = 256  # sequence positions per chunk of the chunked log-prob head
+    logits_chunk_size: int = 128  # sequence positions per chunk of the log-prob head
 
     # The unmodified config.json, kept for export (json text so the dataclass stays hashable).
     hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)

@@ -50,11 +50,34 @@ def _acc(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """HF RMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    """HF RMSNorm: normalise in fp32, cast back, then multiply by the weight.
+
+    Its backward pass recomputes the normalised ``x`` from ``x`` and the ``[.., 1]`` inverse RMS, so autodiff
+    keeps one activation per norm (its input) instead of three (input, normalised input, output)."""
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
     xf = x.astype(_acc(x.dtype))
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * y.astype(x.dtype)
+    inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * (xf * inv_rms).astype(x.dtype), (x, scale, inv_rms)
+
+
+def _rms_norm_bwd(eps, res, ct):
+    x, scale, inv_rms = res
+    acc = inv_rms.dtype
+    y = x.astype(acc) * inv_rms
+    ctf = ct.astype(acc)
+    d_scale = jnp.sum((ctf * y.astype(x.dtype).astype(acc)).reshape(-1, x.shape[-1]), axis=0)
+    dy = ctf * scale.astype(x.dtype).astype(acc)
+    # y = x * r with r = (mean(x^2) + eps)^-1/2:  dx = r * (dy - y * mean(dy * y))
+    dx = inv_rms * (dy - y * jnp.mean(dy * y, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rope_cos_sin(config: ModelConfig, positions: Array, dtype: Any) -> tuple[Array, Array]:
@@ -152,6 +175,29 @@ class Attention(nn.Module):
         return y, cache
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """``silu(gate) * up``, elementwise. Its backward pass recomputes the sigmoid from ``gate``, so autodiff
+    keeps only the two inputs (which the matmul gradients keep anyway) instead of its intermediates: three
+    ``[B, T, F]`` activations per layer fewer at no matmul cost."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, ct):
+    gate, up = res
+    g, u, c = (a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in (gate, up, ct))
+    sig = jax.nn.sigmoid(g)
+    d_silu = sig * (1 + g * (1 - sig))  # d/dg g * sigmoid(g)
+    return (c * u * d_silu).astype(gate.dtype), (c * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Mlp(nn.Module):
     config: ModelConfig
 
@@ -163,7 +209,7 @@ class Mlp(nn.Module):
         wg = self.param("gate_kernel", _kernel_init(), (d, f), pdt).astype(dt)
         wu = self.param("up_kernel", _kernel_init(), (d, f), pdt).astype(dt)
         wd = self.param("down_kernel", _kernel_init(), (f, d), pdt).astype(dt)
-        hidden = jax.nn.silu(dense(x, wg)) * dense(x, wu)
+        hidden = swiglu(dense(x, wg), dense(x, wu))
         hidden = sharding.constrain(hidden, ("batch", "seq", "mlp"))
         return dense(hidden, wd)
 
@@ -198,7 +244,7 @@ class MoeMlp(nn.Module):
         group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
         gate = jax.lax.ragged_dot(xs, wg, group_sizes)
         up = jax.lax.ragged_dot(xs, wu, group_sizes)
-        out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, wd, group_sizes)  # [N*k, D]
+        out_sorted = jax.lax.ragged_dot(swiglu(gate, up), wd, group_sizes)  # [N*k, D]
         out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b * t, topk, d)
         y = jnp.einsum("nkd,nk->nd", out, weights)
         return y.reshape(b, t, d)
