@@ -2,8 +2,10 @@
 
 Reads ``bench_results/opd_step.json`` (``bench_opd_step.py``) and ``bench_results/torch_reference.json``
 (``bench_torch_reference.py``); configurations match on (preset, batch, prompt, response, remat policy, dtype),
-so every jopd row (each attention kernel and output head) is compared with the torch row of its shape; torch has
-no ``dots`` policy, so those rows have no match. A ratio > 1 means jopd is faster. Only meaningful when both files come from the same machine under similar load
+so every jopd row (each attention kernel and output head) is compared with the torch row of its shape. jopd's
+``attention`` policy (keep everything but the attention probabilities) is compared with torch's ``none``: torch's
+SDPA kernels keep no attention probabilities for the backward pass either; torch has no ``dots`` policy, so those
+rows have no match. A ratio > 1 means jopd is faster. Only meaningful when both files come from the same machine under similar load
 (the load average of each run is printed).
 
 Example::
@@ -21,6 +23,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_opd_step import print_table, write_json  # noqa: E402 - shared helpers next to this script
 
 KEY = ("preset", "batch", "prompt", "response", "remat", "dtype")
+TORCH_POLICY = {"none": "none", "attention": "none", "full": "full"}  # jopd remat -> the torch row it matches
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch_rows = {tuple(r.get(k) for k in KEY): r for r in ref["rows"] if r.get("status") == "ok"}
     rows = []
     for r in jopd["rows"]:
-        t = torch_rows.get(tuple(r.get(k) for k in KEY))
+        key = dict(r, remat=TORCH_POLICY.get(r.get("remat"), r.get("remat")))
+        t = torch_rows.get(tuple(key.get(k) for k in KEY))
         if r.get("status") != "ok" or t is None:
             continue
         rows.append(dict(zip(KEY, (r[k] for k in KEY)), seq=r["seq"], attention=r.get("attention"),
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
                          torch_old=t.get("old_pass"), ratio=r["tokens_per_s"] / t["tokens_per_s"],
                          ratio_best=(r.get("tokens_per_s_best") or float("nan"))
                          / (t.get("tokens_per_s_best") or float("nan")),
-                         jopd_peak_gib=r.get("peak_gib"), torch_peak_gib=t.get("peak_gib")))
+                         jopd_peak_gib=r.get("peak_gib"), jopd_rss_gib=r.get("rss_gib"),
+                         torch_peak_gib=t.get("peak_gib"), torch_remat=t.get("remat")))
     if not rows:
         print("no matching configurations")
     else:
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
                            ("jopd_tok_s", "jopd tok/s"), ("torch_tok_s", "torch tok/s"),
                            ("torch_attn", "torch attn"), ("torch_old", "torch old lp"),
                            ("ratio", "jopd/torch (median)"), ("ratio_best", "(best step)"),
-                           ("jopd_peak_gib", "jopd GiB"), ("torch_peak_gib", "torch GiB")])
+                           ("jopd_peak_gib", "jopd GiB"), ("jopd_rss_gib", "jopd RSS GiB"),
+                           ("torch_remat", "torch remat"), ("torch_peak_gib", "torch GiB")])
     payload = {"benchmark": "compare", "jopd_file": args.jopd, "torch_file": args.torch,
                "jopd_env": jopd["env"], "torch_env": ref["env"], "rows": rows,
                "note": "ratio = jopd tokens/s / torch tokens/s (> 1: jopd faster), from median step times; "
