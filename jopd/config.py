@@ -77,13 +77,20 @@ class MeshSection:
 
 @dataclass
 class DistributedSection:
-    initialize: bool = doc("Call jax.distributed.initialize() before anything else (multi-host runs).", False)
+    initialize: bool | Literal["auto"] = doc(
+        "Call jax.distributed.initialize() before anything else (multi-host runs): true, false, or auto (only "
+        "where JAX detects a cluster environment: Cloud TPU VM, SLURM, Open MPI, Kubernetes, or "
+        "JAX_COORDINATOR_ADDRESS set; a laptop or a single GPU box runs as one process).", False)
     coordinator_address: str | None = doc("host:port of process 0; null = auto-detect (TPU/SLURM).", None)
     num_processes: int | None = doc("Total number of processes; null = auto-detect.", None)
     process_id: int | None = doc("This process's index; null = auto-detect.", None)
+    heartbeat_timeout_s: int = doc(
+        "Seconds without a heartbeat after which the coordination service declares a process dead and every "
+        "other process of the job exits with that error (instead of waiting in a collective).", 100)
 
     def problems(self, where: str) -> list[str]:
         errors = [] if self.num_processes is None else _positive(f"{where}.num_processes", self.num_processes)
+        errors += _positive(f"{where}.heartbeat_timeout_s", self.heartbeat_timeout_s)
         if self.process_id is not None:
             errors += _positive(f"{where}.process_id", self.process_id, allow_zero=True)
             if self.num_processes is not None and self.process_id >= self.num_processes > 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 import yaml
 
@@ -41,13 +43,48 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    if cfg.distributed.initialize:
-        kw = {k: v for k, v in (("coordinator_address", cfg.distributed.coordinator_address),
-                                ("num_processes", cfg.distributed.num_processes),
-                                ("process_id", cfg.distributed.process_id)) if v is not None}
-        jax.distributed.initialize(**kw)
+    if _should_initialize(cfg.distributed):
+        d = cfg.distributed
+        kw = {k: v for k, v in (("coordinator_address", d.coordinator_address), ("num_processes", d.num_processes),
+                                ("process_id", d.process_id)) if v is not None}
+        jax.distributed.initialize(**kw, heartbeat_timeout_seconds=d.heartbeat_timeout_s)
+    if jax.process_count() == 1:
+        return _run(cfg, log, fmt)
+    try:
+        code = _run(cfg, log, fmt)
+    except BaseException:  # noqa: BLE001 - a programming error: shown, then the same fast exit as below
+        traceback.print_exc()
+        code = 1
+    if code != 0:
+        # A failed process must end the job, not wait for the others at JAX's shutdown barrier while they wait
+        # for it in a collective: exit without it; its heartbeats stop and the coordination service ends every
+        # other process with this process named (after distributed.heartbeat_timeout_s).
+        log.error("process %d of %d failed (exit %d): ending the job", jax.process_index(), jax.process_count(), code)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _should_initialize(section) -> bool:
+    """``distributed.initialize``: true / false, or ``auto``: only where JAX detects a cluster environment."""
+    if section.initialize != "auto":
+        return bool(section.initialize)
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    try:  # the environments jax.distributed.initialize() auto-detects (TPU VM, SLURM, Open MPI, K8s, ...)
+        from jax._src.clusters import ClusterEnv
+    except ImportError:  # private module moved: fall back to the common launchers' variables
+        return any(int(os.environ.get(v, "1") or 1) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+
+
+def _run(cfg, log: logging.Logger, fmt: str) -> int:
+    import jax
 
     from jopd import sharding
+    from jopd.config import to_dict
     from jopd.io import atomic_write_json, atomic_write_text
     from jopd.loop import TrainingError
     from jopd.pipeline import Run, StageError, run_stage

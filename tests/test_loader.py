@@ -155,9 +155,17 @@ def test_process_sharding(store_path: str, drop_remainder: bool) -> None:
         assert len(union) == 20 and len(set(union.tolist())) == 20
     else:
         np.testing.assert_array_equal(union, np.arange(N))  # every row exactly once
-    for step in range(steps):  # a global batch holds the same rows whatever the process count
+    for step in range(steps):  # a global batch is the same rows in the same order whatever the process count
         both = np.concatenate([shards[0][step]["row_index"], shards[1][step]["row_index"]])
-        np.testing.assert_array_equal(np.sort(both), np.sort(single[step]["row_index"]))
+        np.testing.assert_array_equal(both, single[step]["row_index"])
+    # ... and so in every later (reshuffled) epoch
+    later = [take(loader(store_path, process_index=p, process_count=2, drop_remainder=drop_remainder), 3 * steps)
+             for p in range(2)]
+    single = take(loader(store_path, drop_remainder=drop_remainder), 3 * steps)
+    for step in range(3 * steps):
+        np.testing.assert_array_equal(np.concatenate([later[0][step]["row_index"], later[1][step]["row_index"]]),
+                                      single[step]["row_index"])
+    assert not np.array_equal(single[0]["row_index"], single[steps]["row_index"])  # epochs are reshuffled
 
 
 def test_source_pickle_and_repr(store_path: str) -> None:

@@ -5,14 +5,17 @@ Pipeline (all index arithmetic, so any step can be reached without replaying the
     MapDataset.source(RolloutSource)          N rows
       .shuffle(seed)                          per-epoch permutation (Grain folds the epoch into the seed)
       [:E] or pad to E                        E = epoch length, a multiple of global_batch_size
-      [process_index::process_count]          this process's E / process_count rows of every epoch
+      process blocks                          this process's E / process_count rows of every epoch: rows
+                                              [i*b, (i+1)*b) of every global batch, b = G / process_count
       .repeat(num_epochs)                     epoch e reads shuffle epoch e -> reshuffled every epoch
       .to_iter_dataset(read_options)          threaded, order-preserving prefetch
       .batch(global_batch_size // process_count)
 
 Because E is a multiple of the global batch, no batch straddles an epoch and every process yields the same
-number of batches. Global batch s is always epoch positions [s*G, (s+1)*G) whatever the process count, so the
-set of rows in a global batch does not depend on how many hosts read it. With drop_remainder=True, E = N rounded
+number of batches. Global batch s is always epoch positions [s*G, (s+1)*G) whatever the process count, and
+process i holds its contiguous block [s*G + i*b, s*G + (i+1)*b), which is where
+``jax.make_array_from_process_local_data`` places it: the global batch, row for row, does not depend on how many
+hosts read it (so neither does any sum over it, to the bit). With drop_remainder=True, E = N rounded
 down (the dropped rows differ per epoch); with drop_remainder=False, E = N rounded up and the extra rows are all
 zeros (response_mask 0, row_index -1), so shapes stay static and the loss ignores them.
 
@@ -207,6 +210,31 @@ class _PadEpochsMapDataset(grain.MapDataset):
         return f"_PadEpochsMapDataset(epoch_len={self._epoch_len})"
 
 
+class _ProcessBlocksMapDataset(grain.MapDataset):
+    """Process ``index``'s rows of every global batch of ``parent``: its contiguous block of ``local`` rows.
+
+    Local position e * L + j (L = len(parent) / count, epoch e) maps to parent index
+    e * len(parent) + (j // local) * (local * count) + index * local + j % local.
+    """
+
+    def __init__(self, parent: grain.MapDataset, local: int, index: int, count: int):
+        super().__init__(parent)
+        self._parent_len, self._local, self._index, self._count = len(parent), local, index, count
+
+    def __len__(self) -> int:
+        return self._parent_len // self._count
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, j = divmod(index, len(self))
+        step, r = divmod(j, self._local)
+        return self._parent[epoch * self._parent_len + step * self._local * self._count + self._index * self._local + r]
+
+    def __str__(self) -> str:
+        return f"_ProcessBlocksMapDataset(local={self._local}, index={self._index}, count={self._count})"
+
+
 def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
                  drop_remainder: bool = True, fields: Sequence[str] | None = None,
@@ -238,10 +266,12 @@ def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, 
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds[:epoch_len] if epoch_len <= len(source) else _PadEpochsMapDataset(ds, epoch_len, source.padding_row())
-    ds = ds[process_index::process_count].repeat(num_epochs)
+    local_batch = global_batch_size // process_count
+    if process_count > 1:
+        ds = _ProcessBlocksMapDataset(ds, local_batch, process_index, process_count)
+    ds = ds.repeat(num_epochs)
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(64, 2 * global_batch_size))
-    local_batch = global_batch_size // process_count
     return ds.to_iter_dataset(read_options).batch(local_batch, drop_remainder=True)
 
 
