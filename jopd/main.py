@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax/absl log every checkpoint-manager detail at INFO; keep the run log readable.
     for noisy in ("absl", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from jopd.config import ConfigValidationError, load_config, to_dict
+    from jopd.config import ConfigValidationError, load_config
 
     overrides = list(args.overrides)
     if args.run_dir:
