@@ -9,7 +9,7 @@ and completes it; everything is compared with the one-process run:
 * the SFT student: identical parameters;
 * in-run teachers: parameters within 1e-6 (1.2e-7 measured, see below), their stores within 1e-5;
 * Lightning/online arms, trained against those teachers: parameters within 3e-5 (1.7e-6 / 7.1e-6 measured);
-* evaluation: the same generated tokens and accuracy, reverse KL within 1e-4.
+* evaluation: the same generated tokens and accuracy, reverse KL within 1e-4 relative or 1e-5 absolute.
 
 Why not every byte: gradients of parameters replicated across both mesh axes are all-reduced over 4 devices,
 in-process in one order and across processes (gloo) in another, so the in-run teachers (whose heads split over
@@ -194,4 +194,4 @@ def test_teacher_stores_and_eval_equal_one_process(runs):
             if isinstance(value, int) or metric in ("accuracy", "generated_tokens"):
                 assert two[policy][metric] == value, (policy, metric)
             else:
-                assert two[policy][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (policy, metric)
+                assert two[policy][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (policy, metric)
