@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jopd import losses, sharding
 from jopd.models.config import ModelConfig
-from jopd.models.decoder import hidden_states, output_kernel
+from jopd.models.decoder import hidden_states, stored_output_kernel
 from jopd.models.fused_head import PerTokenLoss, fused_head_loss
 from jopd.models.logprobs import logprobs_fn, prediction_mask
 
@@ -161,10 +161,9 @@ def _fused_head_loss(params: Any, config: ModelConfig, batch: Batch, per_token_l
     seg = batch.get("segment_ids")
     h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg)
     valid = prediction_mask(batch["response_mask"], seg)
-    tied = config.tie_word_embeddings  # the embedding as stored, [V, D]: its gradient needs no transpose
-    w_out = params["embedding"] if tied else output_kernel(params, config)
+    w_out, vocab_major = stored_output_kernel(params, config)
     return fused_head_loss(h, w_out, batch["tokens"], valid, per_token_loss, aux,
-                           chunk=config.logits_chunk_size, vocab_major=tied)
+                           chunk=config.logits_chunk_size, vocab_major=vocab_major)
 
 
 def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig, num_tokens: Array,

@@ -62,6 +62,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -345,7 +346,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss}")
     row.update(memory_numbers(compiled))
-    import resource  # the whole process's high-water mark: meaningful per configuration under --isolate
+    # the whole process's high-water mark: meaningful per configuration under --isolate
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step_s = statistics.median(times)
     flops = train_flops(PRESETS[spec["preset"]], b, seq)

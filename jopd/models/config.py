@@ -20,9 +20,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference tests (x64)
 SUPPORTED_ATTENTION = ("xla", "cudnn")
-# What a decoder layer keeps for the backward pass: everything ("none"), only its input ("full": all of the
-# layer is recomputed), or its input and the outputs of its weight matmuls ("dots": attention scores, softmax
-# and elementwise ops are recomputed).
+# What a decoder layer keeps for the backward pass: everything ("none"), everything but the attention core's
+# scores/probs ("attention": recomputed, as flash attention does), its input and the outputs of its weight
+# matmuls ("dots": attention scores, softmax and elementwise ops are recomputed), or only its input ("full": all
+# of the layer is recomputed).
 SUPPORTED_REMAT = ("none", "attention", "dots", "full")
 
 

@@ -1,8 +1,8 @@
 """The decoder: one Flax (Linen) module for llama / qwen2 / qwen3 / qwen3_moe.
 
 Layers are stacked and run under ``nn.scan`` (one compiled layer, params with a leading ``[layers]`` axis),
-under a rematerialisation policy (``config.remat``: none / attention / dots / full). The module returns final-norm hidden states; the output projection is applied
-separately (see :mod:`jopd.models.logprobs`) so that log-probs never need the full ``[B, T, V]`` logits.
+under a rematerialisation policy (``config.remat``: none / attention / dots / full). The module returns
+final-norm hidden states; the output projection is applied separately (see :mod:`jopd.models.logprobs`) so that log-probs never need the full ``[B, T, V]`` logits.
 
 Numerics follow transformers: RMSNorm in fp32, rotate-half RoPE with fp32 angles, softmax in fp32, MoE router
 softmax in fp32 then top-k (renormalised when ``norm_topk_prob``).
@@ -309,9 +309,16 @@ class Decoder(nn.Module):
 
 def output_kernel(params: dict, config: ModelConfig) -> Array:
     """The ``[D, V]`` output projection (the transposed embedding when tied)."""
+    kernel, vocab_major = stored_output_kernel(params, config)
+    return kernel.T if vocab_major else kernel
+
+
+def stored_output_kernel(params: dict, config: ModelConfig) -> tuple[Array, bool]:
+    """The output projection as stored, and whether it is vocab-major: the ``[V, D]`` embedding when tied
+    (so a gradient taken through it needs no transpose), else the ``[D, V]`` ``lm_head``."""
     if config.tie_word_embeddings:
-        return params["embedding"].T
-    return params["lm_head"]
+        return params["embedding"], True
+    return params["lm_head"], False
 
 
 def causal_mask(batch: int, length: int) -> Array:

@@ -10,8 +10,8 @@ on quantities of that token (the fused OPD and SFT losses, :mod:`jopd.losses`), 
     d hidden = (d loss / d logits) @ W^T,   d W += hidden^T @ (d loss / d logits)
 
 three ``[.., V]`` matmuls per chunk instead of four; the backward pass only scales the stored ``d hidden``
-``[B, T, D]`` and ``d W`` (``[D, V]``, or ``[V, D]`` for a tied embedding) by the loss cotangent. Peak memory of the head stays one ``[B, c, V]``
-chunk (plus ``d W``). Without differentiation (evaluation) only the forward matmul runs.
+``[B, T, D]`` and ``d W`` (``[D, V]``, or ``[V, D]`` for a tied embedding) by the loss cotangent. Peak memory
+of the head stays one ``[B, c, V]`` chunk (plus ``d W``). Without differentiation (evaluation) only the forward matmul runs.
 """
 
 from __future__ import annotations
