@@ -125,8 +125,16 @@ class PrecisionSection:
 class TaskSection:
     kind: Literal["arithmetic", "prompt_file"] = doc(
         "arithmetic: the built-in generated math task; prompt_file: prompts/labels from files.", "arithmetic")
-    prompt_file: str | None = doc("JSONL/Parquet with prompts and labels for SFT and OPD (kind=prompt_file).", None)
-    eval_prompt_file: str | None = doc("JSONL/Parquet of held-out eval prompts (kind=prompt_file).", None)
+    prompt_file: str | None = doc(
+        "JSONL/Parquet with prompts and labels for SFT and OPD (kind=prompt_file); split by a seeded shuffle into "
+        "num_sft_prompts, then num_opd_prompts. Feeds only the splits whose own file below is null.", None)
+    sft_prompt_file: str | None = doc(
+        "JSONL/Parquet of the SFT-data prompts (the paper: OpenThoughts3); null = `prompt_file`.", None)
+    opd_prompt_file: str | None = doc(
+        "JSONL/Parquet of the OPD rollout prompts (the paper: DAPO-Math-17k); null = `prompt_file`.", None)
+    eval_prompt_file: str | None = doc(
+        "JSONL/Parquet of held-out eval prompts (kind=prompt_file); null = hold out num_eval_prompts of the OPD "
+        "prompt source. Eval prompts are removed from the SFT and OPD prompts either way.", None)
     difficulty: list[int] = doc("Arithmetic: numbers of operations to draw problems from.",
                                 default_factory=lambda: [1, 2])
     sft_difficulty: list[int] | None = doc(
@@ -140,8 +148,12 @@ class TaskSection:
     def problems(self, where: str) -> list[str]:
         """Own fields only; whether the prompt files exist is checked by `validate` (``check_files``)."""
         errors: list[str] = []
-        if self.kind == "prompt_file" and not self.prompt_file:
-            errors.append(f"{where}.prompt_file: required when {where}.kind is prompt_file")
+        if self.kind == "prompt_file":
+            for split in ("sft", "opd"):
+                if not (self.prompt_file or getattr(self, f"{split}_prompt_file")):
+                    errors.append(f"{where}.prompt_file: required when {where}.kind is prompt_file and "
+                                  f"{where}.{split}_prompt_file is not set")
+                    break
         for name in ("difficulty", "sft_difficulty"):
             levels = getattr(self, name)
             if levels is not None and not levels:
@@ -588,8 +600,8 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
 
     path_ok("tokenizer.path", cfg.tokenizer.path, "dir")
     if cfg.task.kind == "prompt_file":
-        path_ok("task.prompt_file", cfg.task.prompt_file, "file")
-        path_ok("task.eval_prompt_file", cfg.task.eval_prompt_file, "file")
+        for key in ("prompt_file", "sft_prompt_file", "opd_prompt_file", "eval_prompt_file"):
+            path_ok(f"task.{key}", getattr(cfg.task, key), "file")
     if not cfg.teachers:
         errors.append("teachers: at least one teacher is required")
     for name, t in cfg.teachers.items():

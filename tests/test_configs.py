@@ -127,6 +127,54 @@ def test_sft_difficulty_applies_to_the_sft_prompts_only():
         load_config(data={**base, "task": {**task, "sft_difficulty": [4]}})
 
 
+def test_separate_sft_and_opd_prompt_files(tmp_path):
+    """The paper's SFT prompts (OpenThoughts3) and OPD prompts (DAPO-Math-17k) come from different files; eval is
+    held out of the OPD file unless it has its own, and never overlaps SFT or OPD."""
+    import json
+
+    from jopd.config import ConfigValidationError
+    from jopd.pipeline import StageError
+    from jopd.stages.prepare import load_problems
+
+    def write(name, prompts):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": q, "answer": "1"}) + "\n" for q in prompts))
+        return str(path)
+
+    sft_file = write("sft.jsonl", [f"sft {i}" for i in range(20)] + ["shared 0", "shared 1"])
+    with open(sft_file, "a") as f:  # SFT prompts need no answer (the teacher writes it)
+        f.write(json.dumps({"conversations": [{"from": "human", "value": "sft 20"}]}) + "\n")
+    opd_file = write("opd.jsonl", [f"opd {i}" for i in range(30)] + ["shared 0", "shared 1"])
+    base = {"teachers": {"A": {"path": "unused"}}, "student": {"path": "unused"}, "sft_teacher": "A",
+            "precompute": {"teachers": ["A"]}, "arms": [{"name": "l", "mode": "lightning", "teacher": "A"}]}
+    task = {"kind": "prompt_file", "sft_prompt_file": sft_file, "opd_prompt_file": opd_file,
+            "num_sft_prompts": 100, "num_opd_prompts": 100, "num_eval_prompts": 8}
+    problems = load_problems(load_config(data={**base, "task": task}, check_files=False))
+    sft, opd, evals = ({p.prompt for p in problems[k]} for k in ("sft", "opd", "eval"))
+    assert len(evals) == 8 and all(p.startswith(("opd", "shared")) for p in evals)
+    assert sft <= {f"sft {i}" for i in range(21)} | {"shared 0", "shared 1"} and len(sft) == 23 - len(evals & {"shared 0", "shared 1"})
+    assert not (sft & evals) and not (opd & evals)
+    assert len(opd) == 32 - 8 and all(p.startswith(("opd", "shared")) for p in opd)
+    # the same sources from one call to the next (seeded), and an own eval file leaves the OPD prompts whole
+    again = load_problems(load_config(data={**base, "task": task}, check_files=False))
+    assert [p.prompt for p in again["opd"]] == [p.prompt for p in problems["opd"]]
+    eval_file = write("eval.jsonl", ["eval 0", "shared 1"])
+    problems = load_problems(load_config(data={**base, "task": {**task, "eval_prompt_file": eval_file}},
+                                         check_files=False))
+    assert len(problems["opd"]) == 31 and len(problems["sft"]) == 22
+    assert "shared 1" not in {p.prompt for p in problems["opd"] + problems["sft"]}
+    # prompt_file fills whichever split has no file of its own
+    mixed = {**task, "prompt_file": sft_file, "sft_prompt_file": None}
+    problems = load_problems(load_config(data={**base, "task": mixed}, check_files=False))
+    assert all(p.prompt.startswith(("sft", "shared")) for p in problems["sft"])
+    with pytest.raises(ConfigValidationError, match=r"task\.prompt_file: required when task\.kind is prompt_file "
+                       r"and task\.opd_prompt_file is not set"):
+        load_config(data={**base, "task": {**task, "opd_prompt_file": None}}, check_files=False)
+    with pytest.raises(StageError, match=r"task\.opd_prompt_file .*opd\.jsonl: no OPD prompts left"):
+        load_problems(load_config(data={**base, "task": {**task, "eval_prompt_file": opd_file,
+                                                                  "num_eval_prompts": 100}}, check_files=False))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation, section by section
 # ---------------------------------------------------------------------------------------------------------

@@ -63,19 +63,30 @@ def load_problems(cfg: Any) -> dict[str, list[arithmetic.Problem]]:
             rng = np.random.default_rng(t.seed)
             out[split] = [probs[i] for i in rng.permutation(len(probs))]
         return out
-    train = prompt_files.load_prompt_file(t.prompt_file, dedupe=True)
-    order = np.random.default_rng(t.seed).permutation(len(train))
-    train = [train[i] for i in order]
+    sources = {"sft": t.sft_prompt_file or t.prompt_file, "opd": t.opd_prompt_file or t.prompt_file}
+    rows: dict[str, list[arithmetic.Problem]] = {}
+    for path in dict.fromkeys(sources.values()):  # each distinct file once, in a seeded order
+        # SFT prompts need no reference answer (the teacher answers them; e.g. OpenThoughts3 has none).
+        loaded = prompt_files.load_prompt_file(path, dedupe=True, require_answer=path == sources["opd"])
+        rows[path] = [loaded[i] for i in np.random.default_rng(t.seed).permutation(len(loaded))]
     if t.eval_prompt_file:
         evals = prompt_files.load_prompt_file(t.eval_prompt_file, dedupe=True)[: t.num_eval_prompts]
-    else:
-        evals, train = train[: t.num_eval_prompts], train[t.num_eval_prompts:]
+    else:  # held out from the OPD source: eval measures the distribution OPD trains on
+        evals, rows[sources["opd"]] = rows[sources["opd"]][: t.num_eval_prompts], rows[sources["opd"]][t.num_eval_prompts:]
     eval_prompts = {p.prompt for p in evals}
-    train = [p for p in train if p.prompt not in eval_prompts]
-    if not train:
-        raise StageError(f"task.prompt_file {t.prompt_file}: no training prompts left after the eval split")
-    sft = train[: t.num_sft_prompts]
-    opd = train[t.num_sft_prompts: t.num_sft_prompts + t.num_opd_prompts] or train[: t.num_opd_prompts]
+    rows = {path: [p for p in probs if p.prompt not in eval_prompts] for path, probs in rows.items()}
+    key = {"sft": "sft_prompt_file" if t.sft_prompt_file else "prompt_file",
+           "opd": "opd_prompt_file" if t.opd_prompt_file else "prompt_file"}
+    for split, path in sources.items():
+        if not rows[path]:
+            raise StageError(f"task.{key[split]} {path}: no {split.upper()} prompts left after removing the "
+                             f"{len(evals)} eval prompts")
+    sft = rows[sources["sft"]][: t.num_sft_prompts]
+    if sources["opd"] == sources["sft"]:  # one file: OPD takes the prompts after the SFT ones
+        shared = rows[sources["opd"]]
+        opd = shared[t.num_sft_prompts: t.num_sft_prompts + t.num_opd_prompts] or shared[: t.num_opd_prompts]
+    else:
+        opd = rows[sources["opd"]][: t.num_opd_prompts]
     return {"sft": sft, "opd": opd, "eval": evals}
 
 
