@@ -12,7 +12,7 @@ CONFIG ?= configs/demo.yaml
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[dev,convert,math]'
+	$(VPY) -m pip install -q -e '.[dev,convert,math,wandb]'
 	touch $(STAMP)
 
 $(CORE_STAMP): pyproject.toml

@@ -67,7 +67,7 @@ def completed_arm(run: Run, arm: Any) -> dict[str, Any] | None:
 
 
 def arm_logger(run: Run, arm: Any) -> MetricsLogger:
-    return MetricsLogger(run.layout.metrics(f"arm_{arm.name}"), run.layout.tensorboard(f"arm_{arm.name}"))
+    return run.metrics_logger(f"arm_{arm.name}")
 
 
 def teacher_info(run: Run, arm: Any, mode: str, teacher_fp: str, consistent: bool, **more: Any) -> dict[str, Any]:

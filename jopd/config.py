@@ -405,6 +405,35 @@ class ExportSection:
 
 
 @dataclass
+class WandbSection:
+    enabled: bool = doc("Also log every training loop's metrics to Weights & Biases (needs `pip install "
+                        "'jopd[wandb]'`); the JSONL and TensorBoard files are written either way.", False)
+    project: str = doc("W&B project.", "jopd")
+    entity: str | None = doc("W&B entity (user or team); null = your default.", None)
+    group: str | None = doc("W&B group of the run's loops (one W&B run per loop: teacher_A, sft, arm_NAME); "
+                            "null = the run directory's name.", None)
+    mode: Literal["online", "offline"] = doc(
+        "online: stream to the server; offline: write under RUN_DIR/wandb only (upload later with `wandb sync`).",
+        "online")
+    tags: list[str] = doc("W&B tags of every loop's run.", default_factory=list)
+
+    def problems(self, where: str) -> list[str]:
+        import importlib.util
+
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            return [f"{where}.enabled: the wandb package is not installed (pip install 'jopd[wandb]')"]
+        return []
+
+
+@dataclass
+class LoggingSection:
+    wandb: WandbSection = doc("Weights & Biases.", default_factory=WandbSection)
+
+    def problems(self, where: str) -> list[str]:
+        return self.wandb.problems(f"{where}.wandb")
+
+
+@dataclass
 class TokenizerSection:
     path: str | None = doc("HF tokenizer directory; null = the student's directory, else a built-in char "
                            "tokenizer for the arithmetic task.", None)
@@ -433,6 +462,8 @@ class Config:
     arms: list[ArmSection] = doc("OPD arms (lightning and/or online).", default_factory=lambda: [ArmSection()])
     eval: EvalSection = doc("Evaluation.", default_factory=EvalSection)
     export: ExportSection = doc("HF export of a trained student.", default_factory=ExportSection)
+    logging: LoggingSection = doc("Experiment tracking beside the JSONL/TensorBoard metrics (never a stage input).",
+                                  default_factory=LoggingSection)
 
     def arm(self, name: str) -> ArmSection:
         for a in self.arms:
@@ -567,7 +598,7 @@ def _section_problems(cfg: Config) -> list[str]:
     """Every section's checks of its own fields, each problem under its dotted path."""
     errors: list[str] = []
     for name in ("mesh", "distributed", "precision", "task", "student", "teacher_data", "sft", "rollout",
-                 "precompute", "opd", "eval"):
+                 "precompute", "opd", "eval", "logging"):
         errors += getattr(cfg, name).problems(name)
     for name, t in cfg.teachers.items():
         errors += t.problems(f"teachers.{name}")

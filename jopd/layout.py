@@ -6,7 +6,7 @@ out. Nothing here touches the disk.
 
 ::
 
-    RUN_DIR/config.yaml  run.log  summary.json  report.md  plots/  metrics/NAME.jsonl  tb/NAME/
+    RUN_DIR/config.yaml  run.log  summary.json  report.md  plots/  metrics/NAME.jsonl  tb/NAME/  wandb/
             fingerprint_cache.json
             <stage>/STARTED.json  <stage>/DONE.json
             prepare/   tokenizer/  prompts/{sft,opd,eval}.jsonl  teachers/NAME/  student_base/  work/
@@ -74,6 +74,11 @@ class RunLayout:
 
     def tensorboard(self, name: str) -> Path:
         return self.root / "tb" / name
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's own files (offline runs to ``wandb sync``) and ``run_ids.json`` (each loop's W&B run id)."""
+        return self.root / "wandb"
 
     # ---- stages ---------------------------------------------------------------------------------------
     def stage(self, name: str) -> Path:

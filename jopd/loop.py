@@ -158,18 +158,60 @@ def run_loop(step_fn: StepFn, train_state: Any, batches: Iterable[Mapping[str, A
 
 
 # ------------------------------------------------------------------------------------------------- hooks
+@dataclasses.dataclass(frozen=True)
+class WandbTarget:
+    """Where one loop's metrics go in Weights & Biases: one W&B run per loop, ``group`` tying a job's loops
+    together. ``id_file`` keeps the run ids, so a resumed loop continues its W&B run and a new run directory
+    starts new ones; ``config`` is shown as the run's config."""
+
+    project: str
+    name: str
+    id_file: Path
+    dir: Path
+    group: str | None = None
+    entity: str | None = None
+    mode: str = "online"
+    tags: tuple[str, ...] = ()
+    config: Mapping[str, Any] | None = None
+
+    def run_id(self) -> str:
+        import secrets
+
+        ids = json.loads(self.id_file.read_text()) if self.id_file.is_file() else {}
+        if self.name not in ids:
+            ids[self.name] = secrets.token_hex(8)
+            self.id_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.id_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ids, indent=1, sort_keys=True))
+            tmp.replace(self.id_file)
+        return ids[self.name]
+
+    def init(self) -> Any:
+        import wandb
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return wandb.init(project=self.project, entity=self.entity, group=self.group, name=self.name,
+                          id=self.run_id(), resume="allow", dir=str(self.dir), mode=self.mode,
+                          tags=list(self.tags) or None, config=dict(self.config or {}), reinit="create_new")
+
+
 class MetricsLogger:
-    """Metrics rows as JSONL (one object per line, ``{"step": s, ...}``) and TensorBoard event files.
+    """Metrics rows as JSONL (one object per line, ``{"step": s, ...}``), TensorBoard event files and, given a
+    :class:`WandbTarget`, a Weights & Biases run.
 
     Only process 0 writes. Nothing is touched until :meth:`start` (the hooks call it when the loop starts): a
-    fresh loop starts the file anew, a loop resumed after step s keeps the rows up to s and rewrites the rest.
+    fresh loop starts the file anew, a loop resumed after step s keeps the rows up to s and rewrites the rest
+    (W&B keeps what it was sent: it ignores rows at steps it has already seen).
     """
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None,
+                 wandb: WandbTarget | None = None):
         self.enabled = jax.process_index() == 0
         self.path = Path(path)
         self.tensorboard_dir = tensorboard_dir
+        self.wandb = wandb
         self._tb = None
+        self._wandb_run = None
         self._started = False
 
     def start(self, resume_after_step: int | None = None) -> None:
@@ -189,6 +231,8 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.tensorboard_dir))
+        if self.wandb is not None:
+            self._wandb_run = self.wandb.init()
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         self.start()
@@ -197,15 +241,20 @@ class MetricsLogger:
         row = {"step": int(step), **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, int(step))
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, int(step))
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
 
 class LogMetrics(Hook):

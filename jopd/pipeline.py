@@ -32,7 +32,7 @@ import jax
 from jopd.config import Config
 from jopd.io import atomic_write_json, read_json
 from jopd.layout import RunLayout
-from jopd.loop import TrainingError
+from jopd.loop import MetricsLogger, TrainingError, WandbTarget
 
 log = logging.getLogger("jopd")
 
@@ -122,6 +122,17 @@ class Run:
     @property
     def is_main(self) -> bool:
         return jax.process_index() == 0
+
+    def metrics_logger(self, name: str) -> MetricsLogger:
+        """The metrics sinks of one training loop: RUN_DIR/metrics/NAME.jsonl, RUN_DIR/tb/NAME and, with
+        ``logging.wandb.enabled``, a W&B run NAME in the run's group."""
+        w = self.cfg.logging.wandb
+        target = None
+        if w.enabled:
+            target = WandbTarget(project=w.project, name=name, id_file=self.layout.wandb / "run_ids.json",
+                                 dir=self.layout.wandb, group=w.group or Path(self.cfg.run_dir).resolve().name,
+                                 entity=w.entity, mode=w.mode, tags=tuple(w.tags), config=dataclasses.asdict(self.cfg))
+        return MetricsLogger(self.layout.metrics(name), self.layout.tensorboard(name), wandb=target)
 
     def model_options(self, **overrides: Any) -> dict[str, Any]:
         """Runtime settings of every model of the run (precision section), for ``load_pretrained``."""

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+    env["WANDB_SILENT"] = "true"
     return subprocess.run([sys.executable, "-m", "jopd.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -23,7 +24,9 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(run_dir))
+    # W&B in offline mode: it writes its run files under RUN_DIR/wandb and never touches the network
+    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(run_dir), "logging.wandb.enabled=true",
+                "logging.wandb.mode=offline")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -65,6 +68,78 @@ def test_outputs_are_consistent(tiny_run: Path):
         rows = [json.loads(x) for x in (tiny_run / "metrics" / f"arm_{arm}.jsonl").read_text().splitlines()]
         assert any("eval/accuracy" in r for r in rows) and any("loss" in r for r in rows)
         assert list((tiny_run / "tb" / f"arm_{arm}").glob("events.*"))
+
+
+def _tensorboard_scalars(event_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a TensorBoard event directory, read back from the TFRecord framing (length, crc,
+    payload, crc) and the Event protobuf, as TensorBoard itself reads them."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(event_dir.glob("events.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def _wandb_offline_runs(wandb_dir: Path) -> dict[str, dict]:
+    """W&B offline run files (``run-ID.wandb``: a LevelDB-style log of protobuf records in 32 KiB blocks after
+    a 7-byte header), read back: {run name: {"group", "id", "history": {step: {key: value}}}}."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    runs: dict[str, dict] = {}
+    for path in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pending, records = path.read_bytes(), 7, b"", []
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # block trailer too short for a header
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            pending += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # FULL or LAST fragment
+                records.append(Record.FromString(pending))
+                pending = b""
+        info: dict = {"history": {}}
+        for rec in records:
+            if rec.WhichOneof("record_type") == "run":
+                info.update(name=rec.run.display_name, group=rec.run.run_group, id=rec.run.run_id)
+            elif rec.WhichOneof("record_type") == "history":
+                row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+                info["history"].setdefault(int(row["_step"]), {}).update(row)
+        runs[info["name"]] = info
+    return runs
+
+
+def test_metrics_are_readable_in_tensorboard_and_wandb(tiny_run: Path):
+    """Every loop's JSONL rows are also in its TensorBoard events and in its W&B run (offline mode), with the
+    same values at the same steps; one W&B run per loop, all in the run directory's group."""
+    loops = ("teacher_A", "teacher_B", "sft", "arm_lightning_A", "arm_lightning_B", "arm_online_A")
+    runs = _wandb_offline_runs(tiny_run / "wandb")
+    assert set(runs) == set(loops)
+    ids = json.loads((tiny_run / "wandb" / "run_ids.json").read_text())
+    for loop in loops:
+        rows = [json.loads(x) for x in (tiny_run / "metrics" / f"{loop}.jsonl").read_text().splitlines()]
+        scalars = _tensorboard_scalars(tiny_run / "tb" / loop)
+        wandb_run = runs[loop]
+        assert wandb_run["group"] == tiny_run.name and wandb_run["id"] == ids[loop]
+        keys = [k for k in ("loss", "eval/accuracy", "reverse_kl") if any(k in r for r in rows)]
+        assert "loss" in keys, loop
+        for key in keys:
+            expected = {r["step"]: r[key] for r in rows if isinstance(r.get(key), float | int)}
+            assert expected and set(scalars[key]) == set(expected), (loop, key)
+            for step, value in expected.items():
+                assert scalars[key][step] == pytest.approx(value, rel=1e-6), (loop, key, step)  # float32 on disk
+                assert wandb_run["history"][step][key] == pytest.approx(value, rel=1e-12), (loop, key, step)
 
 
 def test_export_loads_in_transformers(tiny_run: Path):

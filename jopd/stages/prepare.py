@@ -22,7 +22,6 @@ from jopd.data import arithmetic, prompt_files
 from jopd.data import tokenizer as toklib
 from jopd.data.store import write_sequences
 from jopd.io import atomic_write_json, atomic_write_jsonl
-from jopd.loop import MetricsLogger
 from jopd.models import ModelConfig, from_params, init_params, save_pretrained
 from jopd.pipeline import Run, StageError, barrier, check_tokenizer
 from jopd.training import supervised
@@ -131,7 +130,7 @@ def _train_teacher(run: Run, name: str, section: Any) -> None:
     model = from_params(mcfg, init_params(mcfg, seed), mesh=run.mesh)
     model, _ = supervised(model, train_store=work / "store", heldout_store=work / "heldout_store",
                           loop=section.pretrain, optim=section.pretrain_optim, seed=seed, ckpt_dir=work / "ckpt",
-                          logger=MetricsLogger(layout.metrics(f"teacher_{name}"), layout.tensorboard(f"teacher_{name}")),
+                          logger=run.metrics_logger(f"teacher_{name}"),
                           name=f"teacher_{name}", hooks=run.hooks)
     save_pretrained(model, layout.teacher(name), tokenizer_dir=str(layout.tokenizer))
     barrier(f"teacher-{name}")

@@ -17,7 +17,6 @@ import numpy as np
 
 from jopd.data.store import write_sequences
 from jopd.io import atomic_write_json, read_json, read_jsonl
-from jopd.loop import MetricsLogger
 from jopd.models import save_pretrained
 from jopd.pipeline import Run, StageError, barrier
 from jopd.training import supervised
@@ -58,7 +57,7 @@ def execute(run: Run) -> dict[str, Any]:
     log.info("sft: %d examples from teacher %s", len(rows), td_meta.get("teacher_name"))
     model, summary = supervised(model, train_store=layout.sft_store, heldout_store=heldout_store if held else None,
                                 loop=cfg.sft, optim=cfg.sft.optim, seed=cfg.seed, ckpt_dir=layout.sft_ckpt,
-                                logger=MetricsLogger(layout.metrics("sft"), layout.tensorboard("sft")), name="sft",
+                                logger=run.metrics_logger("sft"), name="sft",
                                 hooks=run.hooks)
     save_pretrained(model, layout.sft_model, tokenizer_dir=str(layout.tokenizer))
     barrier("sft-export")
