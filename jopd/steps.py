@@ -122,15 +122,22 @@ def optimizer_from_section(optim: Any, total_steps: int) -> optax.GradientTransf
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     """A TrainState whose optimizer state is sharded like the params (Adam moments mirror them)."""
-    opt_state = jax.jit(optimizer.init)(params)
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
-    # Scalars (step counts) come back on one device; place everything where the jitted step will return it,
-    # so the step compiles once rather than again on its second call.
     meshes = [x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(getattr(x, "sharding", None),
                                                                             NamedSharding)]
-    if meshes:
-        state = jax.device_put(state, state_shardings(state, meshes[0]))
-    return state
+    if not meshes:
+        return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+    # The moments are zeros: nothing ties them to the params' layout, and XLA would return them replicated (a
+    # full copy of both moments on every device). Their shardings are given explicitly: each moment leaf takes
+    # its param's, the rest (step counts) is replicated.
+    replicated = NamedSharding(meshes[0], PartitionSpec())
+    shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, shapes, state_shardings(params, meshes[0]),
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    # The step count is placed where the jitted step returns it, so the step compiles once, not again on its
+    # second call.
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
 
 
 def state_shardings(state: TrainState, mesh) -> Any:
