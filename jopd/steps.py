@@ -103,7 +103,8 @@ def _decay_mask(params: Any) -> Any:
 def make_optimizer(*, lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0,
                    min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.98,
                    eps: float = 1e-8, grad_clip: float = 1.0) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a warm-up/decay schedule (state in fp32)."""
+    """AdamW with global-norm clipping and a warm-up/decay schedule; its moments take the params' dtype (fp32
+    with fp32 master weights, bf16 with ``param_dtype: bfloat16``)."""
     sched = lr_schedule(lr, total_steps, schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
     parts = []
     if grad_clip and grad_clip > 0:
@@ -130,14 +131,20 @@ def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainSta
     # full copy of both moments on every device). Their shardings are given explicitly: each moment leaf takes
     # its param's, the rest (step counts) is replicated.
     replicated = NamedSharding(meshes[0], PartitionSpec())
-    shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, shapes, state_shardings(params, meshes[0]),
-        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, meshes[0]))(params)
     # The step count is placed where the jitted step returns it, so the step compiles once, not again on its
     # second call.
     return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any, mesh) -> Any:
+    """Shardings of ``optimizer.init(params)`` (params: arrays or ShapeDtypeStructs with shardings): every
+    per-param leaf (Adam's moments) takes its param's sharding, the rest (step counts) is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+        state_shardings(params, mesh), transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 def state_shardings(state: TrainState, mesh) -> Any:
@@ -270,7 +277,9 @@ def _tree_norm(tree: Any) -> Array:
 
 def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array],
            optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
-    grad_norm = _tree_norm(grads)
+    # In fp32 whatever the params' dtype: with bf16 master weights the grads are bf16, and the norm (a logged
+    # metric and the finiteness check) would otherwise be a bf16 sum of squares.
+    grad_norm = _tree_norm(jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state: TrainState) -> TrainState:

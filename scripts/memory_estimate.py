@@ -54,6 +54,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 from jopd.models.config import QWEN3_ARCHS  # noqa: E402 - after the sys.path tweak
 
 PRESETS: dict[str, dict[str, Any]] = {f"qwen3-{k}": v for k, v in QWEN3_ARCHS.items()}
+# Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B-Base; the -Thinking-2507 model shares it, bar rope_theta and
+# max_position_embeddings): 48 layers, every MLP a routed MoE of 128 experts, 8 active per token (3.3e9 active
+# of 30.5e9 parameters); intermediate_size is the (unused) dense width.
+PRESETS["qwen3-30b-a3b"] = dict(model_type="qwen3_moe", hidden_size=2048, num_layers=48, num_heads=32,
+                                num_kv_heads=4, head_dim=128, intermediate_size=6144, num_experts=128,
+                                num_experts_per_tok=8, moe_intermediate_size=768, vocab_size=151936,
+                                tie_word_embeddings=False)
 
 # Accelerator memory per device, for the "fits" column (GiB as the runtime reports them).
 HBM_PRESETS_GIB = {"h100-80gb": 79.1, "h200": 139.8, "tpu-v5p": 95.7, "tpu-v5e": 15.75, "a100-80gb": 79.1}
@@ -73,7 +80,8 @@ def model_config(arch: dict[str, Any] | str | None, path: str | None, init: Any,
     if isinstance(arch, str):
         if arch not in PRESETS:
             raise SystemExit(f"--{what}-arch {arch!r}: unknown preset (known: {', '.join(PRESETS)})")
-        return ModelConfig(model_type="qwen3", qk_norm=True, **PRESETS[arch], **runtime), f"preset {arch}"
+        arch_kw = {"model_type": "qwen3", "qk_norm": True, **PRESETS[arch]}
+        return ModelConfig(**arch_kw, **runtime), f"preset {arch}"
     if init is not None:
         vocab = vocab_hint or 128  # no HF tokenizer anywhere: the built-in character tokenizer (< 128 ids)
         return (ModelConfig(model_type=init.model_type, vocab_size=-(-vocab // 16) * 16,
@@ -178,6 +186,12 @@ def layer_working_set(m: Any, b: int, s: int, tp: int, cb: int, *, grad: bool) -
     elems = b * s * (4 * d + 2 * (h + 2 * k) * hd + h * hd + 3 * f)
     nbytes = elems * cb + 2 * b * s * d * 4
     formula = "B·S·(4D + 2(H+2K)·Dh + H·Dh + 3F)·cb + 2·B·S·D·4"
+    if m.is_moe:
+        # the routed dispatch of this device's tokens: tokens sorted by expert, the experts' outputs sorted and
+        # scattered back (3 x [B·S·k, D]), the fp32 router probabilities [B·S, E] (F above = k·moe_intermediate)
+        topk = m.num_experts_per_tok
+        nbytes += 3 * b * s * topk * d * cb + b * s * m.num_experts * 4
+        formula += " + 3·B·S·k·D·cb + B·S·E·4 (MoE dispatch, F = k·F_moe)"
     if grad:
         nbytes *= 2
         formula = "2 × [" + formula + "] (fwd + its gradient)"

@@ -50,7 +50,7 @@ def test_config_files_exist(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_paper_configs_follow_the_paper() -> None:
-    for name in ("qwen3-4b.yaml", "qwen3-8b.yaml"):
+    for name in ("qwen3-4b.yaml", "qwen3-8b.yaml", "qwen3-30b-a3b.yaml"):
         cfg = load_config(str(ROOT / "configs" / name), check_files=False)
         o = cfg.opd
         assert (o.optim.lr, o.optim.schedule, o.optim.b1, o.optim.b2) == (2e-6, "constant", 0.9, 0.98)
@@ -62,6 +62,13 @@ def test_paper_configs_follow_the_paper() -> None:
         assert cfg.task.kind == "prompt_file"
         p = cfg.precision
         assert (p.param_dtype, p.compute_dtype, p.remat, p.attention_impl) == ("float32", "bfloat16", "full", "cudnn")
+        assert cfg.task.sft_prompt_file != cfg.task.opd_prompt_file and cfg.task.sft_prompt_file
+        m = cfg.mesh
+        assert m.data * m.fsdp * m.tensor * m.expert == 8  # one 8-GPU node
+    # The MoE setting splits the routed experts over an expert axis (student and teacher: Qwen3-30B-A3B).
+    moe = load_config(str(ROOT / "configs" / "qwen3-30b-a3b.yaml"), check_files=False)
+    assert moe.mesh.expert > 1 and 128 % moe.mesh.expert == 0
+    assert "Qwen3-30B-A3B" in moe.student.path and "Qwen3-30B-A3B" in moe.teachers[moe.sft_teacher].path
 
 
 def _memory_estimate():
