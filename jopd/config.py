@@ -183,6 +183,25 @@ class ArchSection:
     num_experts_per_tok: int = doc("qwen3_moe: experts per token.", 0)
     moe_intermediate_size: int = doc("qwen3_moe: expert MLP width.", 0)
 
+    def problems(self, where: str) -> list[str]:
+        errors: list[str] = []
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "max_position_embeddings"):
+            errors += _positive(f"{where}.{name}", getattr(self, name))
+        errors += _positive(f"{where}.rope_theta", self.rope_theta) + _positive(f"{where}.rms_norm_eps",
+                                                                                 self.rms_norm_eps)
+        if isinstance(self.num_heads, int) and isinstance(self.num_kv_heads, int) and self.num_kv_heads > 0 \
+                and self.num_heads % self.num_kv_heads:
+            errors.append(f"{where}.num_heads: must be a multiple of num_kv_heads {self.num_kv_heads}, "
+                          f"got {self.num_heads}")
+        if self.model_type == "qwen3_moe":
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+                errors += _positive(f"{where}.{name}", getattr(self, name))
+            if self.num_experts_per_tok > self.num_experts > 0:
+                errors.append(f"{where}.num_experts_per_tok: must be <= num_experts {self.num_experts}, "
+                              f"got {self.num_experts_per_tok}")
+        return errors
+
 
 @dataclass
 class OptimSection:
@@ -273,6 +292,8 @@ class TeacherSection:
             errors.append(f"{where}: give either path (HF directory) or init (build in-run)")
         if self.path is not None and self.init is not None:
             errors.append(f"{where}: give path or init, not both")
+        if self.init is not None:
+            errors += self.init.problems(f"{where}.init")
         return (errors + self.pretrain.problems(f"{where}.pretrain")
                 + self.pretrain_optim.problems(f"{where}.pretrain_optim")
                 + _positive(f"{where}.pretrain_examples", self.pretrain_examples))
@@ -288,7 +309,7 @@ class StudentSection:
     def problems(self, where: str) -> list[str]:
         if self.path is None and self.init is None:
             return [f"{where}: give either path (HF directory) or init (random init)"]
-        return []
+        return self.init.problems(f"{where}.init") if self.init is not None else []
 
 
 @dataclass
@@ -576,21 +597,32 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigValidationError("command line", [f"override {assignment!r}: expected key.sub=value"])
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        detail = str(getattr(err, "problem", None) or err).strip()
+        raise ConfigValidationError("command line", [
+            f"override {assignment!r}: the value {raw!r} is not valid YAML ({detail}); quote it to pass a "
+            "string"]) from None
     node: Any = data
     parts = key.strip().split(".")
-    for p in parts[:-1]:
+    try:
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                if not isinstance(node.get(p), dict | list):
+                    node[p] = {}
+                node = node[p]
+        last = parts[-1]
         if isinstance(node, list):
-            node = node[int(p)]
+            node[int(last)] = value
         else:
-            if not isinstance(node.get(p), dict | list):
-                node[p] = {}
-            node = node[p]
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            node[last] = value
+    except (ValueError, IndexError, AttributeError, TypeError):
+        raise ConfigValidationError("command line", [
+            f"override {assignment!r}: {key.strip()!r} does not name a config field (list items by index, "
+            "e.g. arms.0.teacher, within the list's length)"]) from None
 
 
 # ---- cross-section checks ----------------------------------------------------------------------------------
@@ -684,8 +716,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, data:
     for o in overrides:
         try:
             apply_override(data, o)
-        except (ValueError, IndexError, KeyError, TypeError) as e:
-            problems.append(f"override {o!r}: {e}")
+        except ConfigValidationError as e:
+            problems += e.problems
     cfg = _from_dict(Config, data, "", problems)
     if not problems:
         # Relative paths in a config are relative to the working directory the CLI runs in.

@@ -16,8 +16,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (see docs/config.md)")
     p.add_argument("--run-dir", default=None, help="override run_dir")
     p.add_argument("--stages", default=None, help="comma-separated subset of the config's stages to run")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a user error too (it always goes to RUN_DIR/run.log)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. opd.steps=10 arms.0.teacher=B")
     return p.parse_args(argv)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (a config, an override, a prompt file, a model directory, a tokenizer, a store, a
+    run directory, a permission): each names its file / field and what was expected, so the CLI shows the
+    message alone and exits 2. Anything else is a programming error and keeps its traceback."""
+    from jopd.config import ConfigValidationError
+    from jopd.data.prompt_files import PromptFileError
+    from jopd.data.store import StoreError
+    from jopd.data.tokenizer import VocabMismatchError
+    from jopd.models.config import ConfigError
+    from jopd.models.hf import CheckpointError
+    from jopd.pipeline import StageError
+
+    return (ConfigValidationError, ConfigError, CheckpointError, VocabMismatchError, PromptFileError, StoreError,
+            StageError, OSError, yaml.YAMLError)
+
+
+def _user_error_message(err: BaseException) -> str:
+    if isinstance(err, yaml.YAMLError):
+        return f"not valid YAML: {err}"
+    if isinstance(err, OSError) and err.filename is not None:
+        what = err.strerror or type(err).__name__
+        return f"{err.filename}: {what}" + (f" ({err.filename2})" if err.filename2 else "")
+    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigValidationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except user_errors() as e:  # an unreadable config file, an override that is not YAML, ...
+        print(f"error: {_user_error_message(e)}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 2
 
     import jax
 
@@ -49,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                                 ("process_id", d.process_id)) if v is not None}
         jax.distributed.initialize(**kw, heartbeat_timeout_seconds=d.heartbeat_timeout_s)
     if jax.process_count() == 1:
-        return _run(cfg, log, fmt)
+        return _run(cfg, log, fmt, debug=args.debug)
     try:
-        code = _run(cfg, log, fmt)
+        code = _run(cfg, log, fmt, debug=args.debug)
     except BaseException:  # noqa: BLE001 - a programming error: shown, then the same fast exit as below
         traceback.print_exc()
         code = 1
@@ -80,14 +112,14 @@ def _should_initialize(section) -> bool:
     return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
 
 
-def _run(cfg, log: logging.Logger, fmt: str) -> int:
+def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False) -> int:
     import jax
 
     from jopd import sharding
     from jopd.config import to_dict
     from jopd.io import atomic_write_json, atomic_write_text
     from jopd.loop import TrainingError
-    from jopd.pipeline import Run, StageError, run_stage
+    from jopd.pipeline import Run, run_stage
     from jopd.stages import stage
 
     try:
@@ -95,22 +127,33 @@ def _run(cfg, log: logging.Logger, fmt: str) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = Run.create(cfg, mesh)
-    if run.is_main:
-        atomic_write_text(run.layout.config_yaml, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        handler = logging.FileHandler(run.layout.run_log)
-        handler.setFormatter(logging.Formatter(fmt))
-        logging.getLogger().addHandler(handler)
-    log.info("run_dir %s | devices %d (%s) | mesh %s | processes %d", run.layout.root, jax.device_count(),
-             jax.devices()[0].platform, dict(mesh.shape), jax.process_count())
+    # The run log's own logger: what only run.log gets (a user error's traceback).
+    file_log = logging.getLogger("jopd.run_log")
+    file_log.propagate = False
     summary = {}
     try:
+        run = Run.create(cfg, mesh)
+        if run.is_main:
+            atomic_write_text(run.layout.config_yaml, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            handler = logging.FileHandler(run.layout.run_log)
+            handler.setFormatter(logging.Formatter(fmt))
+            logging.getLogger().addHandler(handler)
+            file_log.addHandler(handler)
+        log.info("run_dir %s | devices %d (%s) | mesh %s | processes %d", run.layout.root, jax.device_count(),
+                 jax.devices()[0].platform, dict(mesh.shape), jax.process_count())
         for name in cfg.stages:
             summary[name] = run_stage(stage(name), run)
-    except (StageError, TrainingError) as e:
+    except TrainingError as e:  # a run that went wrong (a non-finite loss), not bad input
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except user_errors() as e:
+        message = _user_error_message(e)
+        file_log.error("error: %s", message, exc_info=True)  # the traceback: run.log only (console: --debug)
+        print(f"error: {message}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return 2
     if run.is_main:
         atomic_write_json(run.layout.summary, summary)
     log.info("all stages done: %s", ", ".join(cfg.stages))

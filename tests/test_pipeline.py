@@ -159,7 +159,8 @@ def test_rerun_skips_and_changed_inputs_are_refused(tiny_run: Path):
     assert "up to date (skipped)" in proc.stderr
     proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run), "rollout.temperature=0.5",
                 "--stages", "rollout")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a user error: the message alone, no traceback
+    assert "Traceback" not in proc.stderr
     assert "different inputs" in proc.stderr and "temperature: 1.0 -> 0.5" in proc.stderr
 
 

@@ -109,7 +109,13 @@ def _extract_label(row: Mapping[str, Any], answer_fields: Sequence[str]) -> str 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, int], Any]]:
     """(location text, position meta, parsed row) per non-blank line; a .json file may hold one array."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw[: err.start].count(b"\n") + 1
+        raise PromptFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                              f"{err.start}); save the file as UTF-8") from None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
