@@ -44,6 +44,37 @@ def prediction_mask(mask: Array, segment_ids: Array | None = None) -> Array:
     return mask.astype(bool) & jnp.concatenate([jnp.zeros((b, 1), bool), has_prev], 1)
 
 
+def _contract(x: Array, y: Array, x_dim: int, y_dim: int, acc) -> Array:
+    """2-D matmul contracting ``x``'s axis ``x_dim`` with ``y``'s axis ``y_dim`` (no transposed copies)."""
+    return jax.lax.dot_general(x, y, (((x_dim,), (y_dim,)), ((), ())), preferred_element_type=acc)
+
+
+@jax.custom_vjp
+def _head_logits(h: Array, w: Array) -> Array:
+    """Logits ``h [N, D] @ w [D, V]``: operands in ``h``'s (compute) dtype, float32 (or wider) accumulation and
+    output. The backward runs both of its matmuls on compute-dtype operands too: plain autodiff would upcast
+    them to the float32 logits cotangent, i.e. run the two largest backward matmuls in fp32 with an fp32 copy
+    of the kernel under bf16 compute. ``d w`` comes back in ``w``'s own dtype (fp32 master weights: the sum
+    over sequence chunks then accumulates in fp32), as in :mod:`jopd.models.fused_head`."""
+    return _head_logits_fwd(h, w)[0]
+
+
+def _head_logits_fwd(h: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _contract(h, w.astype(h.dtype), 1, 0, jnp.promote_types(h.dtype, jnp.float32)), (h, w)
+
+
+def _head_logits_bwd(res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+    h, w = res
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    ct = ct.astype(h.dtype)
+    dh = _contract(ct, w.astype(h.dtype), 1, 1, acc).astype(h.dtype)
+    dw = _contract(h, ct, 0, 0, acc).astype(w.dtype)
+    return dh, dw
+
+
+_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array, *, chunk: int = 256,
                          topk: int = 0,
                          segment_ids: Array | None = None) -> Array | tuple[Array, Array, Array]:
@@ -57,7 +88,6 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     sequence's first token gets 0 like t = 0 of an unpacked row.
     """
     b = tokens.shape[0]
-    w = w_out.astype(hidden.dtype)
     h_chunks, n = _chunked(hidden[:, :-1], chunk)
     tgt_chunks, _ = _chunked(tokens[:, 1:], chunk)
 
@@ -65,9 +95,8 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     def body(_, inputs):
         h, tgt = inputs
         # One flattened 2-D matmul (see decoder.dense): much faster backward on XLA:CPU.
-        logits = jnp.matmul(h.reshape(-1, h.shape[-1]), w,
-                            preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
-        logits = logits.reshape(h.shape[:-1] + (w.shape[-1],))
+        logits = _head_logits(h.reshape(-1, h.shape[-1]), w_out)
+        logits = logits.reshape(h.shape[:-1] + (w_out.shape[-1],))
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
         if topk:
