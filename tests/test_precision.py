@@ -16,10 +16,9 @@ teacher log-probs; one CPU device):
 * It really computes in bf16: in the lowered step every 2-D matmul (projections, MLP, output head, forward and
   backward) has bf16 operands; the fp32 step has no bf16 at all. (Lowered, not compiled, text: XLA:CPU may
   upcast bf16 dots when compiling; the program asks for bf16.) The attention core's two score-gradient
-  einsums (d q, d k) do not: autodiff of a bf16 x bf16 -> f32 einsum runs its transposes on f32 operands
-  (strict xfail below, to flip when jopd/models/decoder.py casts that cotangent). The unfused log-prob head
-  had the same problem for its two backward ``[.., V]`` matmuls (fixed in jopd/models/logprobs.py; the
-  ``unfused`` cases below guard it).
+  einsums (d q, d k) and the unfused log-prob head's two backward ``[.., V]`` matmuls used to run on fp32
+  operands (autodiff of a bf16 x bf16 -> f32 dot transposes with the fp32 cotangent); both now have custom
+  VJPs (jopd/models/decoder.py ``_scores``, jopd/models/logprobs.py ``_head_logits``), guarded here.
 * ``param_dtype: bfloat16`` (bf16 master weights and Adam moments): the steps run, stay bf16, and the loss,
   log-probs and metrics (grad_norm included) are fp32. ``teacher_dtype: bfloat16`` under bf16 compute is
   bit-identical to an fp32-held teacher (its weights are cast to bf16 for every matmul either way); a
@@ -201,8 +200,6 @@ def test_bf16_compute_training_tracks_fp32():
     assert _cos(updates["fp32"], updates["bf16"]) > 0.98, _cos(updates["fp32"], updates["bf16"])
 
 
-@pytest.mark.xfail(strict=True, reason="attention core (jopd/models/decoder.py): the backward of the bf16 x bf16 "
-                   "-> f32 score einsum runs d q and d k on f32 operands")
 def test_bf16_compute_every_matmul_is_bf16():
     _, state, step, batch = _make(CFG.replace(**BF16), "opd")
     dots = _dots(step.lower(state, batch).as_text())

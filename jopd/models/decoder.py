@@ -108,6 +108,30 @@ def _kernel_init(scale: float = 0.02):
     return nn.initializers.normal(stddev=scale)
 
 
+@jax.custom_vjp
+def _scores(qg: Array, k: Array) -> Array:
+    """q k^T ``[B, K, G, T, S]`` from qg ``[B, T, K, G, Dh]`` and k ``[B, S, K, Dh]``, accumulated (and returned) in
+    fp32 or wider. The backward keeps both of its matmuls on compute-dtype operands: plain autodiff would run
+    d q and d k on the fp32 scores cotangent, i.e. the attention's two largest backward matmuls in fp32 under
+    bf16 compute (as in :func:`jopd.models.logprobs._head_logits`)."""
+    return _scores_fwd(qg, k)[0]
+
+
+def _scores_fwd(qg: Array, k: Array) -> tuple[Array, tuple[Array, Array]]:
+    return jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_acc(qg.dtype)), (qg, k)
+
+
+def _scores_bwd(res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+    qg, k = res
+    ct = ct.astype(qg.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ct, k, preferred_element_type=_acc(qg.dtype)).astype(qg.dtype)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ct, qg, preferred_element_type=_acc(qg.dtype)).astype(k.dtype)
+    return dq, dk
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
 def _attention_core(q: Array, k: Array, v: Array, mask: Array, scale: float, dt: Any) -> Array:
     """softmax(q k^T * scale, masked) v with grouped query heads (GQA, no kv repeat); softmax in fp32.
 
@@ -116,7 +140,7 @@ def _attention_core(q: Array, k: Array, v: Array, mask: Array, scale: float, dt:
     b, t, h, hd = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_acc(dt)) * scale
+    scores = _scores(qg, k.astype(qg.dtype)) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
