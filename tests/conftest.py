@@ -12,6 +12,19 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+# One persistent XLA compilation cache for the whole session, this process and every CLI / multi-process
+# subprocess it starts (they inherit the environment): the tiny pipelines of several test modules compile the
+# same programs, and a cached program loads in milliseconds (a shrunk tiny run: 49 s cold, 19 s warm).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="jopd-test-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
