@@ -9,12 +9,14 @@ interrupted one resumes from its checkpoint. Periodic evaluation (``opd.eval_eve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from jopd.config import LossWeightsSection
 from jopd.evaluation import evaluate_policy
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.loop import LoopState, MetricsLogger
@@ -34,6 +36,25 @@ class Teachers:
         if name not in self._models:
             self._models[name] = self.run.load_teacher(name)
         return self._models[name]
+
+
+def objective(run: Run, arm: Any) -> dict[str, Any]:
+    """The arm's effective objective as recorded (meta.json, stage inputs): its loss weights, and the JSD beta
+    when the JSD is on (it changes nothing otherwise)."""
+    weights, beta = arm.objective(run.cfg.opd)
+    return {"loss_weights": dataclasses.asdict(weights), **({"jsd_beta": beta} if weights.topk_jsd > 0 else {})}
+
+
+def objective_inputs(run: Run, arm_list: list[Any]) -> dict[str, Any]:
+    """What an OPD stage's inputs add for its arms' objectives: ``{"objectives": {arm: objective}}`` for the
+    arms whose effective objective is not the default sampled-token one, else nothing. The objective fields
+    are left out of the sections' reprs (the form in which ``opd`` and ``arms`` enter the inputs), so a run
+    directory made before the top-k objectives existed keeps its fingerprints and an unused ``jsd_beta``
+    changes nothing; changing what an arm optimises changes the stage's inputs (the usual refusal then asks
+    for the arm to be re-trained)."""
+    default = {"loss_weights": dataclasses.asdict(LossWeightsSection())}
+    objectives = {a.name: obj for a in arm_list if (obj := objective(run, a)) != default}
+    return {"objectives": objectives} if objectives else {}
 
 
 def kl_teacher_name(run: Run) -> str:

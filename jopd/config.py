@@ -23,9 +23,10 @@ STAGES = ("prepare", "teacher_data", "sft", "rollout", "precompute", "train", "o
           "report")
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field carrying its documentation."""
-    kw: dict[str, Any] = {"metadata": {"doc": text}}
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, *,
+        repr: bool = True) -> Any:  # noqa: A002 - dataclasses.field's own name
+    """A dataclass field carrying its documentation (``repr=False``: left out of the section's repr)."""
+    kw: dict[str, Any] = {"metadata": {"doc": text}, "repr": repr}
     if default is not dataclasses.MISSING:
         kw["default"] = default
     if default_factory is not dataclasses.MISSING:
@@ -340,7 +341,9 @@ class RolloutSection(SamplingSection):
 @dataclass
 class PrecomputeSection:
     teachers: list[str] = doc("Teachers that score the rollouts (each gets its own store).", default_factory=list)
-    topk: int = doc("Also store the teacher's top-k (id, log-prob) per position (0 = off).", 0)
+    topk: int = doc("Also store the teacher's top-k (id, log-prob) per response position (0 = off), for the "
+                    "top-k objectives (opd.loss_weights.topk_*): 4 + 8 k bytes per response token (516 at k = 64).",
+                    0)
     batch_size: int = doc("Rows scored per forward pass.", 32)
 
     def problems(self, where: str) -> list[str]:
@@ -362,6 +365,48 @@ class SFTSection(TrainLoop):
 
 
 @dataclass
+class LossWeightsSection:
+    """Weights of an OPD arm's objectives: ``loss = sampled * surrogate + sum_kind topk_kind * D_kind``, every term
+    aggregated over the response tokens with `opd.aggregation` (docs/topk-objectives.md)."""
+
+    sampled: float = doc(
+        "Sampled-token OPD (the paper's): a policy-gradient estimator. The PPO-clipped surrogate with the "
+        "per-token advantage log p_teacher - log p_student of the ROLLOUT token, i.e. a single-sample "
+        "(score-function) estimate of the reverse-KL gradient; uses only `teacher_logprobs`.", 1.0)
+    topk_fkl: float = doc(
+        "Direct (differentiable) forward KL(teacher ‖ student) at every response position over k + 1 buckets: "
+        "the teacher's stored top-k ids and one tail bucket (exact gradient of that bucketed divergence, no "
+        "sampling). Needs precompute.topk > 0; lightning arms only.", 0.0)
+    topk_rkl: float = doc(
+        "Direct reverse KL(student ‖ teacher) over the same top-k + tail buckets (the exact, not sampled, "
+        "counterpart of `sampled`'s divergence on those buckets). Needs precompute.topk > 0; lightning arms "
+        "only.", 0.0)
+    topk_jsd: float = doc(
+        "Direct generalized JSD(beta) = beta KL(T ‖ M) + (1 - beta) KL(S ‖ M), M = beta T + (1 - beta) S, over "
+        "the same buckets (GKD/TRL convention; beta = `jsd_beta`). Needs precompute.topk > 0; lightning arms "
+        "only.", 0.0)
+
+    def problems(self, where: str) -> list[str]:
+        errors: list[str] = []
+        for name, value in dataclasses.asdict(self).items():
+            errors += _positive(f"{where}.{name}", value, allow_zero=True)
+        if all(isinstance(v, int | float) and v == 0 for v in dataclasses.asdict(self).values()):
+            errors.append(f"{where}: at least one weight must be > 0")
+        return errors
+
+    @property
+    def uses_topk(self) -> bool:
+        return any(isinstance(v, int | float) and v > 0 for v in (self.topk_fkl, self.topk_rkl, self.topk_jsd))
+
+
+def _jsd_beta_problems(where: str, beta: Any) -> list[str]:
+    if isinstance(beta, int | float) and not 0 < beta < 1:
+        return [f"{where}: must be in (0, 1) (the JSD vanishes at both ends; use topk_fkl / topk_rkl there), "
+                f"got {beta}"]
+    return []
+
+
+@dataclass
 class OPDSection(TrainLoop):
     optim: OptimSection = doc("Optimizer (paper: lr 2e-6 constant, b2 0.98, wd 0.1, clip 1).",
                               default_factory=lambda: OptimSection(lr=1e-4, schedule="constant", weight_decay=0.0))
@@ -373,9 +418,19 @@ class OPDSection(TrainLoop):
     kl_coef: float = doc("Coefficient of a k3 KL penalty to the SFT (reference) policy (0 = off, no ref pass).", 0.0)
     tis_cap: float | None = doc("Truncated importance weight cap to the behaviour policy (null = off).", None)
     shuffle: bool = doc("Shuffle the fixed rollouts each epoch (lightning arms).", True)
+    # The objective fields stay out of the repr, the form in which the section enters stage fingerprints: the
+    # stages record each arm's effective objective instead (jopd.arms.objective_inputs).
+    loss_weights: LossWeightsSection = doc(
+        "Objectives of every arm (an arm's own `loss_weights` replaces them): the sampled-token surrogate and/or "
+        "the direct top-k divergences.", default_factory=LossWeightsSection, repr=False)
+    jsd_beta: float = doc("beta of loss_weights.topk_jsd, in (0, 1): the mixture M = beta teacher + (1 - beta) "
+                          "student; small beta ~ beta * forward KL, beta near 1 ~ (1 - beta) * reverse KL.", 0.5,
+                          repr=False)
 
     def problems(self, where: str) -> list[str]:
         return (super().problems(where) + self.optim.problems(f"{where}.optim")
+                + self.loss_weights.problems(f"{where}.loss_weights")
+                + _jsd_beta_problems(f"{where}.jsd_beta", self.jsd_beta)
                 + _positive(f"{where}.eps_low", self.eps_low, allow_zero=True)
                 + _positive(f"{where}.eps_high", self.eps_high, allow_zero=True)
                 + _positive(f"{where}.kl_coef", self.kl_coef, allow_zero=True)
@@ -391,6 +446,16 @@ class ArmSection:
     teacher: str = doc("Teacher whose log-probs define the advantage.", "A")
     allow_inconsistent_teacher: bool = doc(
         "Allow a teacher other than the SFT-data teacher (ablation): warn and record instead of refusing.", False)
+    # Out of the repr like OPDSection's (the stages fingerprint the effective objective).
+    loss_weights: LossWeightsSection | None = doc(
+        "This arm's objectives, replacing opd.loss_weights (all four weights; omitted ones take their defaults); "
+        "null = opd.loss_weights.", None, repr=False)
+    jsd_beta: float | None = doc("This arm's JSD beta; null = opd.jsd_beta.", None, repr=False)
+
+    def objective(self, opd: OPDSection) -> tuple[LossWeightsSection, float]:
+        """The arm's effective (loss_weights, jsd_beta): its own, else opd's."""
+        return (self.loss_weights if self.loss_weights is not None else opd.loss_weights,
+                self.jsd_beta if self.jsd_beta is not None else opd.jsd_beta)
 
 
 @dataclass
@@ -401,7 +466,7 @@ class EvalSection:
     samples_per_prompt: int = doc("Responses per prompt for accuracy (avg@k, as the paper reports); needs "
                                   "temperature > 0 when > 1.", 1)
     kl_samples: int = doc("Student samples per held-out prompt for the reverse-KL estimate (temperature 1).", 1)
-    kl_teacher: str | None = doc("Teacher for reverse KL(student || teacher); default: the SFT-data teacher.", None)
+    kl_teacher: str | None = doc("Teacher for reverse KL(student ‖ teacher); default: the SFT-data teacher.", None)
     batch_size: int = doc("Prompts per generate call.", 64)
     models: list[str] = doc("What to evaluate: base, sft, teacher:NAME, arm:NAME; empty = everything present.",
                             default_factory=list)
@@ -685,6 +750,18 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
     for i, a in enumerate(cfg.arms):
         if a.teacher not in cfg.teachers:
             errors.append(f"arms[{i}].teacher: unknown teacher {a.teacher!r}")
+        if a.loss_weights is not None:
+            errors += a.loss_weights.problems(f"arms[{i}].loss_weights")
+        if a.jsd_beta is not None:
+            errors += _jsd_beta_problems(f"arms[{i}].jsd_beta", a.jsd_beta)
+        weights, _ = a.objective(cfg.opd)
+        if weights.uses_topk:
+            where = f"arms[{i}] ({a.name}): top-k objectives (loss_weights.topk_*)"
+            if a.mode != "lightning":
+                errors.append(f"{where} need the stored teacher top-k of lightning arms; an online arm's live "
+                              "teacher scores only the sampled tokens (set its topk_* weights to 0)")
+            elif cfg.precompute.topk <= 0:
+                errors.append(f"{where} need precompute.topk > 0 (the teacher's stored top-k ids/log-probs)")
         if a.mode == "lightning" and a.teacher not in cfg.precompute.teachers and "train" in cfg.stages:
             errors.append(f"arms[{i}] ({a.name}): lightning arm's teacher {a.teacher!r} is not in "
                           "precompute.teachers")

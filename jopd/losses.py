@@ -44,6 +44,7 @@ may be traced arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal, NamedTuple, get_args
 
@@ -51,7 +52,9 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "TOPK_KINDS",
     "Aggregation",
+    "LossWeights",
     "aggregate",
     "loss_denominators",
     "low_var_kl",
@@ -59,6 +62,8 @@ __all__ = [
     "opd_token_loss",
     "sft_loss",
     "token_weights",
+    "topk_buckets",
+    "topk_divergence",
 ]
 
 Aggregation = Literal["token_mean", "seq_mean"]
@@ -572,3 +577,142 @@ def sft_loss(
         "num_seqs": _metric(num_seq),
     }
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Top-k distillation objectives (the teacher's offline top-k cache)
+# ----------------------------------------------------------------------------------------------------------
+TopkKind = Literal["fkl", "rkl", "jsd"]
+TOPK_KINDS: tuple[str, ...] = get_args(TopkKind)
+
+# Floor of a tail bucket's mass: the teacher's tail is 1 - sum of its stored top-k probabilities (rounding can
+# make that <= 0), and the student's is exactly 0 when the ids cover the whole vocabulary (k = V). A bucket at
+# the floor contributes ~1e-30 * (log-ratio), i.e. nothing, to any of the divergences.
+TAIL_FLOOR = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the OPD step's objectives (static): ``loss = sampled * opd_loss + sum_kind topk_kind *
+    aggregate(topk_divergence(kind))``, every term aggregated with the same :func:`token_weights`.
+
+    ``sampled``: the policy-gradient surrogate of :func:`opd_loss` on the rollout token (a single-sample
+    estimate of the reverse-KL gradient). ``topk_fkl`` / ``topk_rkl`` / ``topk_jsd``: the direct,
+    differentiable divergences of :func:`topk_divergence` over the teacher's top-k + tail buckets.
+    """
+
+    sampled: float = 1.0
+    topk_fkl: float = 0.0
+    topk_rkl: float = 0.0
+    topk_jsd: float = 0.0
+
+    def __post_init__(self) -> None:
+        values = dataclasses.asdict(self)
+        bad = {k: v for k, v in values.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"loss weights must be >= 0, got {bad}")
+        if not any(v > 0 for v in values.values()):
+            raise ValueError("at least one loss weight must be > 0")
+
+    @property
+    def topk(self) -> dict[str, float]:
+        """``{kind: weight}`` of the active top-k objectives (kinds of :data:`TOPK_KINDS`)."""
+        return {k: w for k in TOPK_KINDS if (w := getattr(self, f"topk_{k}")) > 0}
+
+
+def topk_buckets(student_topk_logprobs: jax.Array, student_tail_logprob: jax.Array,
+                 teacher_topk_logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log-masses ``(log S, log T)`` ``[..., k + 1]`` of the student and teacher over the k + 1 buckets.
+
+    Buckets: the teacher's k top ids (student ``p_i``, teacher ``q_i``: the stored log-probs), then the tail,
+    every other id: student ``log S_tail`` as given (a log-sum-exp, see
+    :func:`jopd.models.topk_head.topk_student_logprobs`; -inf, an empty tail, becomes ``log TAIL_FLOOR``), teacher
+    ``log T_tail = log max(1 - sum_i exp(q_i), TAIL_FLOOR)`` (the teacher's values are used as stored: no
+    renormalisation). No gradient flows to the teacher.
+    """
+    dtype = _compute_dtype(student_topk_logprobs, student_tail_logprob, teacher_topk_logprobs)
+    q = jax.lax.stop_gradient(jnp.asarray(teacher_topk_logprobs).astype(dtype))
+    p = jnp.asarray(student_topk_logprobs).astype(dtype)
+    s_tail = jnp.asarray(student_tail_logprob).astype(dtype)
+    floor = jnp.log(jnp.asarray(TAIL_FLOOR, dtype))
+    # An empty tail (-inf) takes the floor; a finite one is kept however small, so its gradient survives.
+    s_tail = jnp.where(s_tail == -jnp.inf, floor, s_tail)
+    t_tail = jnp.log(jnp.maximum(1 - jnp.sum(jnp.exp(q), axis=-1), TAIL_FLOOR))
+    return (jnp.concatenate([p, s_tail[..., None]], axis=-1),
+            jnp.concatenate([q, t_tail[..., None]], axis=-1))
+
+
+def _kl_buckets(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """``sum_j a_j (log a_j - log b_j)`` over the last axis."""
+    return jnp.sum(jnp.exp(log_a) * (log_a - log_b), axis=-1)
+
+
+def topk_divergence(
+    student_topk_logprobs: jax.Array,
+    student_tail_logprob: jax.Array,
+    teacher_topk_logprobs: jax.Array,
+    kind: TopkKind,
+    beta: float = 0.5,
+    *,
+    response_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token divergence ``[B, T]`` between teacher T and student S over the top-k + tail buckets.
+
+    With ``log S``, ``log T`` from :func:`topk_buckets` (k teacher ids + one tail bucket):
+
+      * ``"fkl"``: forward KL(T || S) = ``sum_i T_i (q_i - p_i) + T_tail (log T_tail - log S_tail)``;
+      * ``"rkl"``: reverse KL(S || T) = ``sum_i S_i (p_i - q_i) + S_tail (log S_tail - log T_tail)``;
+      * ``"jsd"``: generalized Jensen-Shannon ``beta KL(T || M) + (1 - beta) KL(S || M)`` with the mixture
+        ``M = beta T + (1 - beta) S`` over the same buckets (the GKD paper's / TRL's convention). Both limits
+        beta -> 0 and beta -> 1 go to 0 (``JSD / beta -> FKL``, ``JSD / (1 - beta) -> RKL``), so ``beta`` must
+        be in (0, 1); use ``"fkl"`` / ``"rkl"`` for the endpoints.
+
+    With k = V (every id is a top id) the tail is empty and these are the exact full-vocabulary divergences;
+    with k < V they are those of the coarse-grained (k + 1 bucket) distributions, which never exceed the
+    full-vocabulary ones (data-processing inequality: all three are f-divergences). Direct losses: the
+    gradient w.r.t. the student's log-probs is the exact gradient of the bucketed divergence at each position,
+    not a policy-gradient estimate.
+
+    Args:
+      student_topk_logprobs: ``[B, T, k]`` student log-probs at the teacher's top-k ids (differentiated).
+      student_tail_logprob: ``[B, T]`` student log-mass of the other ids (differentiated).
+      teacher_topk_logprobs: ``[B, T, k]`` the stored teacher top-k log-probs (no gradient).
+      kind: ``"fkl"``, ``"rkl"`` or ``"jsd"`` (static).
+      beta: the JSD interpolation, in (0, 1) (static; ignored by the KLs).
+      response_mask: ``[B, T]`` optional; positions where it is 0 give 0 (their inputs, possibly garbage, are
+        replaced before any arithmetic, so they cannot poison the value or the gradient).
+
+    Returns:
+      ``[B, T]`` per-token divergence (promoted to at least float32).
+    """
+    if kind not in TOPK_KINDS:
+        raise ValueError(f"unknown top-k divergence {kind!r}; expected one of {TOPK_KINDS}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+    shape = jnp.shape(student_topk_logprobs)
+    if jnp.shape(teacher_topk_logprobs) != shape or jnp.shape(student_tail_logprob) != shape[:-1]:
+        raise ValueError(f"top-k shapes disagree: student {shape}, tail {jnp.shape(student_tail_logprob)}, "
+                         f"teacher {jnp.shape(teacher_topk_logprobs)}")
+    p, tail, q = student_topk_logprobs, student_tail_logprob, teacher_topk_logprobs
+    on = None
+    if response_mask is not None:
+        on = jnp.asarray(response_mask) > 0
+        uniform = -jnp.log(jnp.asarray(shape[-1] + 1.0))  # any valid distribution: its terms are dropped below
+        p = jnp.where(on[..., None], p, uniform)
+        q = jnp.where(on[..., None], q, uniform)
+        tail = jnp.where(on, tail, uniform)
+    log_s, log_t = topk_buckets(p, tail, q)
+    if kind == "fkl":
+        out = _kl_buckets(log_t, log_s)
+    elif kind == "rkl":
+        out = _kl_buckets(log_s, log_t)
+    else:
+        log_m = jnp.logaddexp(jnp.log(beta) + log_t, jnp.log1p(-beta) + log_s)
+        out = beta * _kl_buckets(log_t, log_m) + (1 - beta) * _kl_buckets(log_s, log_m)
+    return out if on is None else jnp.where(on, out, 0)
+
+
+def topk_metric(per_token: jax.Array, response_mask: jax.Array) -> jax.Array:
+    """The logged value of a top-k divergence: its mean over the response tokens (float32, stop-gradient)."""
+    m = jnp.asarray(response_mask).astype(per_token.dtype)
+    return _metric(_masked_mean(per_token, m))

@@ -49,6 +49,7 @@ from jopd.models.config import ModelConfig
 from jopd.models.decoder import hidden_states, stored_output_kernel
 from jopd.models.fused_head import PerTokenLoss, fused_head_loss
 from jopd.models.logprobs import logprobs_fn, prediction_mask
+from jopd.models.topk_head import topk_student_logprobs
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -63,7 +64,13 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class OPDLossConfig:
     """Static settings of the OPD loss (see :func:`jopd.losses.opd_loss`); ``fused_head=False`` takes the
-    rematerialised head (for comparison and benchmarks; same loss, gradient and metrics)."""
+    rematerialised head (for comparison and benchmarks; same loss, gradient and metrics).
+
+    ``loss_weights`` (:class:`jopd.losses.LossWeights`) mixes the sampled-token surrogate with the direct
+    top-k divergences (``jsd_beta``: the JSD's interpolation); any top-k weight > 0 makes the step take the
+    batch's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[B, T, k]`` and the top-k head
+    (:func:`jopd.models.topk_head.topk_student_logprobs`, autodiff through checkpointed chunks) instead of the
+    fused one."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -72,6 +79,13 @@ class OPDLossConfig:
     kl_coef: float = 0.0
     tis_cap: float | None = None
     fused_head: bool = True
+    loss_weights: losses.LossWeights = losses.LossWeights()
+    jsd_beta: float = 0.5
+
+    @property
+    def uses_topk(self) -> bool:
+        """Whether the step needs the teacher's top-k arrays (a top-k weight > 0)."""
+        return bool(self.loss_weights.topk)
 
 
 def lr_schedule(lr: float, total_steps: int, *, schedule: str = "constant", warmup_steps: int = 0,
@@ -159,6 +173,7 @@ def state_shardings(state: TrainState, mesh) -> Any:
 
 
 _PACKING_KEYS = ("segment_ids", "positions")
+TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")  # [B, T, k] batch arrays of the top-k objectives
 
 
 # ---- losses on a model ---------------------------------------------------------------------------------
@@ -200,8 +215,12 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
         tis_cap=loss_cfg.tis_cap, kl_coef=loss_cfg.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs,
         segment_ids=seg,
     )
+    w_sampled = loss_cfg.loss_weights.sampled
+    if loss_cfg.uses_topk:
+        return _topk_objective(params, config, batch, loss_cfg, opd_loss, num_tokens, num_seqs)
     if not loss_cfg.fused_head or loss_cfg.normalize_advantages:
-        return opd_loss(_logprobs(params, config, batch))
+        loss, metrics = opd_loss(_logprobs(params, config, batch))
+        return (loss if w_sampled == 1.0 else w_sampled * loss), metrics
 
     def per_token(lp: Array, a: dict[str, Array]) -> Array:
         return a["weight"] * losses.opd_token_loss(
@@ -211,10 +230,36 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
 
     weight = losses.token_weights(mask, loss_cfg.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
                                   segment_ids=seg)
+    if w_sampled != 1.0:
+        weight = w_sampled * weight
     aux = {"weight": weight, "teacher": batch["teacher_logprobs"], "mask": mask, "behaviour": behaviour,
            "ref": ref}
     loss, student = _fused_head_loss(params, config, batch, per_token, aux)
     _, metrics = opd_loss(student)
+    return loss, metrics
+
+
+def _topk_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig,
+                    opd_loss: Callable[[Array], tuple[Array, dict[str, Array]]], num_tokens: Array,
+                    num_seqs: Array) -> tuple[Array, dict[str, Array]]:
+    """``sampled * opd_loss + sum_kind w_kind * aggregate(topk_divergence(kind))`` through the top-k head; the
+    batch also carries ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[B, T, k]``. Plain autodiff through
+    the head's checkpointed chunks; metrics: the OPD ones plus ``topk_<kind>`` (response-token means)."""
+    mask, seg = batch["response_mask"], batch.get("segment_ids")
+    h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg)
+    w_out, vocab_major = stored_output_kernel(params, config)
+    lp, student_topk, student_tail = topk_student_logprobs(
+        h, w_out, batch["tokens"], mask, batch["teacher_topk_ids"], chunk=config.logits_chunk_size,
+        segment_ids=seg, vocab_major=vocab_major)
+    sampled_loss, metrics = opd_loss(lp)
+    w = loss_cfg.loss_weights
+    loss = w.sampled * sampled_loss if w.sampled > 0 else jnp.zeros((), sampled_loss.dtype)
+    for kind, weight in w.topk.items():
+        per_token = losses.topk_divergence(student_topk, student_tail, batch["teacher_topk_logprobs"], kind,
+                                           loss_cfg.jsd_beta, response_mask=mask)
+        loss = loss + weight * losses.aggregate(per_token, mask, loss_cfg.aggregation, num_tokens=num_tokens,
+                                                num_seqs=num_seqs, segment_ids=seg)
+        metrics[f"topk_{kind}"] = losses.topk_metric(per_token, mask)
     return loss, metrics
 
 
@@ -304,7 +349,7 @@ def _train_step(state: TrainState, batch: Batch, *, objective: Objective, optimi
 def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...], batch_size: int,
               extra_args: int = 0) -> Callable:
     st_sh = state_shardings(state, mesh)
-    b_sh = {k: sharding.batch_sharding(mesh, 2, batch_size) for k in batch_keys}
+    b_sh = {k: sharding.batch_sharding(mesh, 3 if k in TOPK_KEYS else 2, batch_size) for k in batch_keys}
     rep = NamedSharding(mesh, PartitionSpec())
     in_sh = (st_sh, b_sh) + (None,) * extra_args
     return sharding.bind_mesh(jax.jit(fn, in_shardings=in_sh, out_shardings=(st_sh, rep), donate_argnums=(0,)), mesh)
@@ -318,6 +363,8 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
     batch: ``tokens`` int32, ``response_mask`` int32, ``teacher_logprobs`` f32 [+ ``behaviour_logprobs``]
     [+ ``segment_ids``, ``positions`` int32 when ``packed``], all ``[batch_size, T]`` (rows), sharded over
     the mesh's batch axes. ``with_ref`` adds a third argument: the reference (SFT) params for the KL penalty.
+    With a top-k weight in ``loss_cfg.loss_weights`` the batch also carries ``teacher_topk_ids`` int32 and
+    ``teacher_topk_logprobs`` f32 ``[batch_size, T, k]``.
     """
     micro = batch_size // (micro_batch_size or batch_size)
 
@@ -327,6 +374,7 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
                            mesh=mesh)
 
     keys = ("tokens", "response_mask", "teacher_logprobs") + (("behaviour_logprobs",) if with_behaviour else ())
+    keys += TOPK_KEYS if loss_cfg.uses_topk else ()
     keys += _PACKING_KEYS if packed else ()
     if with_ref:
         return _jit_step(step, state, mesh, keys, batch_size, extra_args=1)

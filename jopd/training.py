@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jopd import loop as looplib
+from jopd import losses
 from jopd.checkpointing import Checkpointer
 from jopd.data import loader
 from jopd.models import Model, token_logprobs
@@ -47,7 +48,8 @@ SFT_FIELDS = ("tokens", "response_mask")
 OPD_FIELDS = ("tokens", "response_mask", "teacher_logprobs", "behaviour_logprobs")
 # Step metrics an OPD arm's metrics rows keep (when the step returns them).
 OPD_METRICS = ("loss", "advantage_mean", "reverse_kl", "clip_frac", "grad_norm", "entropy_est", "ratio_mean",
-               "behaviour_ratio_mean", "behaviour_ratio_max", "behaviour_ess", "tis_clip_frac", "kl_ref")
+               "behaviour_ratio_mean", "behaviour_ratio_max", "behaviour_ess", "tis_clip_frac", "kl_ref",
+               *(f"topk_{kind}" for kind in losses.TOPK_KINDS))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -176,10 +178,12 @@ def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, 
 
 
 # ------------------------------------------------------------------------------------------------- OPD
-def opd_loss_config(opd: Any) -> OPDLossConfig:
-    """The static loss settings of an OPDSection."""
+def opd_loss_config(opd: Any, arm: Any = None) -> OPDLossConfig:
+    """The static loss settings of an OPDSection, with ``arm``'s own objective (ArmSection.objective) if given."""
+    weights, beta = arm.objective(opd) if arm is not None else (opd.loss_weights, opd.jsd_beta)
     return OPDLossConfig(eps_low=opd.eps_low, eps_high=opd.eps_high, aggregation=opd.aggregation,
-                         normalize_advantages=opd.normalize_advantages, kl_coef=opd.kl_coef, tis_cap=opd.tis_cap)
+                         normalize_advantages=opd.normalize_advantages, kl_coef=opd.kl_coef, tis_cap=opd.tis_cap,
+                         loss_weights=losses.LossWeights(**dataclasses.asdict(weights)), jsd_beta=beta)
 
 
 def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Path, packed: bool = False,
@@ -187,10 +191,12 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
         batch_phases: Callable[[], Mapping[str, float]] | None = None,
         evaluate: Callable[[Model], Mapping[str, float]] | None = None,
         logger: looplib.MetricsLogger | None = None, name: str = "opd",
-        hooks: Sequence[looplib.Hook] = ()) -> tuple[Model, looplib.LoopState]:
+        hooks: Sequence[looplib.Hook] = (), arm: Any = None) -> tuple[Model, looplib.LoopState]:
     """Train ``student`` with the OPD step for ``opd.steps`` steps on ``batches`` (``rows`` rows each).
 
-    ``opd``: an OPDSection (loss, optimizer, cadences). ``evaluate(model)``: periodic held-out evaluation (step 0,
+    ``opd``: an OPDSection (loss, optimizer, cadences); ``arm``: an ArmSection whose own objective
+    (``loss_weights`` / ``jsd_beta``) replaces opd's (with a top-k weight the batches must carry
+    ``teacher_topk_ids`` / ``teacher_topk_logprobs``, see ``OPD_FIELDS + loader.TOPK_FIELDS``). ``evaluate(model)``: periodic held-out evaluation (step 0,
     every ``opd.eval_every``, the end) when ``opd.eval_every > 0``. Resumes from the newest checkpoint in
     ``ckpt_dir`` (train state, ``data_iterator``'s position, counters). Returns the final model and LoopState.
     """
@@ -199,7 +205,7 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
     ref_params = jax.tree.map(jnp.copy, student.params) if opd.kl_coef > 0 else None
     optimizer = optimizer_from_section(opd.optim, opd.steps)
     state = init_state(student.params, optimizer)
-    jitted = make_opd_step(student.config, optimizer, opd_loss_config(opd), mesh=mesh, state=state,
+    jitted = make_opd_step(student.config, optimizer, opd_loss_config(opd, arm), mesh=mesh, state=state,
                            batch_size=rows, micro_batch_size=opd.micro_batch_size, with_behaviour=True,
                            with_ref=ref_params is not None, packed=packed)
     step_fn = jitted if ref_params is None else (lambda st, b: jitted(st, b, ref_params))

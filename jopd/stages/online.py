@@ -29,7 +29,7 @@ def inputs(run: Run) -> dict[str, Any]:
             "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
                          "max_new_tokens": r.max_new_tokens},
             "teachers": {a.teacher: run.fingerprint(run.layout.teacher(a.teacher)) for a in online},
-            "sft": run.upstream("sft"), "prepare": run.upstream("prepare")}
+            "sft": run.upstream("sft"), "prepare": run.upstream("prepare"), **arms.objective_inputs(run, online)}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -45,13 +45,14 @@ def execute(run: Run) -> dict[str, Any]:
             continue
         check_tokenizer(run, layout.teacher(arm.teacher), f"teacher {arm.teacher!r}")
         teacher_fp = run.fingerprint(layout.teacher(arm.teacher))
-        info = arms.teacher_info(run, arm, "online", teacher_fp, check_teacher_consistency(run, arm, teacher_fp))
+        info = arms.teacher_info(run, arm, "online", teacher_fp, check_teacher_consistency(run, arm, teacher_fp),
+                                 objective=arms.objective(run, arm))
         student = run.load_model(layout.sft_model)
         batches = OnlineBatches(prompts, student, teachers[arm.teacher], batch_size=cfg.opd.batch_size,
                                 seed=cfg.seed, sampling=cfg.rollout, stop_ids=stops)
         model, loop = opd(student, batches, opd=cfg.opd, rows=cfg.opd.batch_size, ckpt_dir=layout.arm_ckpt(arm.name),
                           describe_batch=batches.describe, batch_phases=lambda b=batches: b.last_phases,
                           evaluate=evaluate, logger=arms.arm_logger(run, arm), name=f"arm {arm.name!r}",
-                          hooks=[batches, *run.hooks])
+                          hooks=[batches, *run.hooks], arm=arm)
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}

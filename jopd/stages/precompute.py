@@ -5,7 +5,9 @@ group of ``RUN_DIR/rollout/store`` plus the teacher group -- ``teacher_logprobs`
 tokens_<t) at temperature 1, at response positions, 0 elsewhere) and, when ``precompute.topk`` > 0, the teacher's
 top-k (ids, log-probs) per response position. Attributes are the rollout store's plus ``teacher_name``,
 ``teacher_fingerprint``, ``teacher_tokenizer_fingerprint``, ``source_store``, ``source_store_fingerprint``,
-``logprob_temperature`` (1.0) and ``topk``. The copy is created aside and renamed into place.
+``logprob_temperature`` (1.0) and ``topk``. The copy is created aside and renamed into place. The storage
+cost of the teacher group (``4 + 8 k`` bytes per response token; see :func:`storage_cost`) is logged and
+returned per teacher (``storage``).
 
 Resuming: copy and scoring go chunk by chunk with completion markers, and every chunk is scored in the same
 fixed-shape batches ([batch, length bucket], padding rows masked out), so an interrupted run ends with a store
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,6 +43,33 @@ from jopd.pipeline import (
 )
 
 log = logging.getLogger("jopd")
+
+TEACHER_ARRAYS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+
+
+def bytes_per_token(topk: int) -> int:
+    """Bytes the teacher group stores per scored position: the sampled token's log-prob (float32) plus, with
+    ``topk`` k, k int32 ids and k float32 log-probs: ``4 + 8 k`` (516 at k = 64)."""
+    return 4 + 8 * int(topk)
+
+
+def storage_cost(store: RolloutStore, response_tokens: int) -> dict[str, Any]:
+    """The teacher group's storage: per response token, for the store's response tokens (logical bytes), as
+    allocated (dense ``[N, L(, k)]``, before compression) and on disk (compressed files)."""
+    per_token = bytes_per_token(store.topk)
+    on_disk = sum(f.stat().st_size for name in TEACHER_ARRAYS if (Path(store.path) / name).is_dir()
+                  for f in (Path(store.path) / name).rglob("*") if f.is_file())
+    return {"topk": store.topk, "bytes_per_response_token": per_token,
+            "response_token_bytes": per_token * response_tokens,
+            "dense_bytes": per_token * store.num_rows * store.max_len, "on_disk_bytes": on_disk}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
 
 
 @functools.lru_cache(maxsize=8)
@@ -169,7 +199,12 @@ def _score(run: Run, name: str, src: RolloutStore, src_fp: str) -> dict[str, Any
                "response_tokens": total, "tokens_scored_this_run": scored,
                "tokens_per_s": float(scored / seconds) if scored and seconds > 0 else None, "seconds": seconds,
                "mean_teacher_logprob": lp_sum / total if total else None, "scored_length": length,
-               "chunks_verified": counts}
+               "chunks_verified": counts, "storage": storage_cost(store, total)}
     log.info("precompute: teacher %s: %d response tokens, mean log-prob %.4f", name, total,
              summary["mean_teacher_logprob"] or float("nan"))
+    cost = summary["storage"]
+    log.info("precompute: teacher %s storage (topk %d): %d bytes per response token; %s for the %d response "
+             "tokens, %s dense [N, L] arrays before compression, %s on disk", name, pc.topk,
+             cost["bytes_per_response_token"], _size(cost["response_token_bytes"]), total, _size(cost["dense_bytes"]),
+             _size(cost["on_disk_bytes"]))
     return summary

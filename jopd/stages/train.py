@@ -5,7 +5,8 @@ teacher log-probs precomputed once per token (``precompute/<teacher>/store``): t
 SHA-256 of every chunk), its teacher checked against the SFT-data teacher (teacher consistency: refused unless
 the arm allows the ablation, then recorded), and ``jopd.training.opd`` runs the fused OPD step on the store's
 batches (padded, or packed with ``opd.token_budget``). Resumes from the arm's checkpoint, loader position
-included; complete arms are skipped (see jopd.arms).
+included; complete arms are skipped (see jopd.arms). An arm with top-k objectives (``loss_weights.topk_*``)
+also reads the store's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (docs/topk-objectives.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from jopd import arms
 from jopd.data import tokenizer as toklib
+from jopd.data.loader import TOPK_FIELDS
 from jopd.data.store import RolloutStore, StoreError
+from jopd.models import ModelConfig
 from jopd.pipeline import Run, StageError, check_teacher_consistency
 from jopd.training import OPD_FIELDS, opd, store_batches
 
@@ -40,6 +43,15 @@ def _checked_store(run: Run, arm: Any) -> dict[str, Any]:
     log.info("arm %s: store %s verified (%s)", arm.name, path, counts)
     if not attrs.get("teacher_fingerprint"):
         raise StageError(f"arm {arm.name!r}: store {path} records no teacher_fingerprint")
+    if arm.objective(run.cfg.opd)[0].uses_topk:
+        if store.topk <= 0:
+            raise StageError(f"arm {arm.name!r}: its top-k objectives need the teacher's top-k, but store {path} "
+                             f"holds none (topk 0); set precompute.topk > 0 and re-run precompute")
+        teacher_vocab = ModelConfig.from_pretrained(run.layout.teacher(arm.teacher)).vocab_size
+        student_vocab = ModelConfig.from_pretrained(run.layout.sft_model).vocab_size
+        if teacher_vocab > student_vocab:
+            raise StageError(f"arm {arm.name!r}: teacher {arm.teacher!r} has vocab_size {teacher_vocab} > the "
+                             f"student's {student_vocab}: its stored top-k ids may name no student token")
     return attrs
 
 
@@ -48,7 +60,8 @@ def inputs(run: Run) -> dict[str, Any]:
     if not lightning:
         return {"arms": []}
     return {"opd": run.cfg.opd, "arms": lightning, "seed": run.cfg.seed, "precision": run.cfg.precision,
-            "sft": run.upstream("sft"), "precompute": run.upstream("precompute")}
+            "sft": run.upstream("sft"), "precompute": run.upstream("precompute"),
+            **arms.objective_inputs(run, lightning)}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -63,17 +76,18 @@ def execute(run: Run) -> dict[str, Any]:
         attrs = _checked_store(run, arm)
         consistent = check_teacher_consistency(run, arm, attrs["teacher_fingerprint"])
         info = arms.teacher_info(run, arm, "lightning", attrs["teacher_fingerprint"], consistent,
-                                 store=str(layout.teacher_store(arm.teacher)))
+                                 store=str(layout.teacher_store(arm.teacher)), objective=arms.objective(run, arm))
+        fields = OPD_FIELDS + (TOPK_FIELDS if arm.objective(cfg.opd)[0].uses_topk else ())
         try:
             data = store_batches(layout.teacher_store(arm.teacher), batch_size=cfg.opd.batch_size,
                                  token_budget=cfg.opd.token_budget, row_len=cfg.opd.row_len, seed=cfg.seed,
-                                 num_steps=cfg.opd.steps, fields=OPD_FIELDS, shuffle=cfg.opd.shuffle)
+                                 num_steps=cfg.opd.steps, fields=fields, shuffle=cfg.opd.shuffle)
         except ValueError as e:  # e.g. fewer rows than one batch
             raise StageError(f"arm {arm.name!r}: cannot batch {layout.teacher_store(arm.teacher)}: {e}") from e
         student = run.load_model(layout.sft_model)
         model, loop = opd(student, data, opd=cfg.opd, rows=data.rows, packed=data.packed,
                           ckpt_dir=layout.arm_ckpt(arm.name), data_iterator=data.data_iterator,
                           describe_batch=data.describe, evaluate=evaluate, logger=arms.arm_logger(run, arm),
-                          name=f"arm {arm.name!r}", hooks=run.hooks)
+                          name=f"arm {arm.name!r}", hooks=run.hooks, arm=arm)
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}
