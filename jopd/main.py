@@ -117,9 +117,9 @@ def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False) -> int:
 
     from jopd import sharding
     from jopd.config import to_dict
-    from jopd.io import atomic_write_json, atomic_write_text
+    from jopd.io import atomic_write_json
     from jopd.loop import TrainingError
-    from jopd.pipeline import Run, run_stage
+    from jopd.pipeline import Run, RunDirLock, run_stage
     from jopd.stages import stage
 
     try:
@@ -130,11 +130,14 @@ def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False) -> int:
     # The run log's own logger: what only run.log gets (a user error's traceback).
     file_log = logging.getLogger("jopd.run_log")
     file_log.propagate = False
+    file_log.addHandler(logging.NullHandler())  # before run.log is open: nowhere (not Python's stderr fallback)
     summary = {}
+    lock = None
     try:
-        run = Run.create(cfg, mesh)
+        run = Run.create(cfg, mesh, config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if run.is_main:
-            atomic_write_text(run.layout.config_yaml, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            lock = RunDirLock(run.layout.root / ".lock")
+            lock.acquire()
             handler = logging.FileHandler(run.layout.run_log)
             handler.setFormatter(logging.Formatter(fmt))
             logging.getLogger().addHandler(handler)
@@ -154,6 +157,9 @@ def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False) -> int:
         if debug:
             traceback.print_exc()
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     if run.is_main:
         atomic_write_json(run.layout.summary, summary)
     log.info("all stages done: %s", ", ".join(cfg.stages))

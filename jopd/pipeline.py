@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 from jopd.config import Config
-from jopd.io import atomic_write_json, read_json
+from jopd.io import atomic_write_json, atomic_write_text, read_json
 from jopd.layout import RunLayout
 from jopd.loop import MetricsLogger, TrainingError, WandbTarget
 
@@ -104,6 +104,68 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class RunDirLock:
+    """``RUN_DIR/.lock``: one invocation per run directory at a time (process 0 of a job holds it).
+
+    The lock file records the holder's pid and host. A second invocation is refused naming them; a lock whose
+    process is gone (same host, pid not alive) is stale and taken over with a warning. A lock held on another
+    host cannot be checked from here: the message says to delete it if that job is known to be dead.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._held = False
+
+    def acquire(self) -> None:
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder, me["host"]):
+                    raise StageError(
+                        f"{self.path.parent} is in use by another jopd invocation (pid {holder['pid']} on "
+                        f"{holder['host']}, since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['time']))})"
+                        f"; wait for it to end, or delete {self.path} if that process is gone") from None
+                log.warning("taking over the stale lock %s (pid %s on %s is gone)", self.path,
+                            (holder or {}).get("pid"), (holder or {}).get("host"))
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise StageError(f"{self.path}: could not take the run-directory lock (another invocation raced for it)")
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if {"pid", "host", "time"} <= set(holder) else None
+        except (OSError, ValueError):
+            return None  # unreadable or torn: treated as stale
+
+    @staticmethod
+    def _stale(holder: dict[str, Any], host: str) -> bool:
+        if holder["host"] != host:
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+
 @dataclasses.dataclass
 class Run:
     """A run: the validated config, where its files are, and the device mesh."""
@@ -114,10 +176,13 @@ class Run:
     # Extra jopd.loop.Hook objects every training loop of the run also calls (a profiler, a tracker, a
     # simulated crash); each sees the loop's name in LoopState.name.
     hooks: tuple[Any, ...] = ()
+    # The resolved config as YAML: written to RUN_DIR/config.yaml when a stage runs (not when every stage is
+    # skipped or one is refused), so the file describes the configuration the outputs were made with.
+    config_text: str | None = None
 
     @classmethod
-    def create(cls, cfg: Config, mesh: Any, hooks: tuple[Any, ...] = ()) -> Run:
-        return cls(cfg, RunLayout.for_config(cfg), mesh, hooks)
+    def create(cls, cfg: Config, mesh: Any, hooks: tuple[Any, ...] = (), config_text: str | None = None) -> Run:
+        return cls(cfg, RunLayout.for_config(cfg), mesh, hooks, config_text)
 
     @property
     def is_main(self) -> bool:
@@ -206,6 +271,8 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
         log.info("stage %s: resuming an interrupted run", stage.name)
         break
     if run.is_main:
+        if run.config_text is not None:
+            atomic_write_text(layout.config_yaml, run.config_text)
         atomic_write_json(layout.started(stage.name), {"fingerprint": fp, "inputs": inputs, "time": time.time()})
     barrier(f"{stage.name}-start")
     t0 = time.time()

@@ -7,6 +7,7 @@ stage run the CLI in a subprocess on a run directory that only holds what the ca
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,26 @@ def test_bad_prompt_files_exit_2_naming_file_and_line(case, content, message, pr
     assert "Traceback" not in proc.stderr
     # the traceback is kept for whoever debugs it: in run.log, not on the console
     assert "Traceback" in (run_dir / "run.log").read_text()
+
+
+def test_run_directory_lock(tmp_path):
+    """A run directory in use is refused naming the holder's pid and host; a stale lock (its process is gone)
+    is taken over with a warning, and released at the end."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": 0}))
+    # "report" alone on an empty run directory: refused after the lock (it needs earlier stages), quickly
+    proc = _cli("--config", TINY, "--run-dir", str(run_dir), "--stages", "report")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"in use by another jopd invocation (pid {os.getpid()} on {socket.gethostname()}" in proc.stderr
+    assert "Traceback" not in proc.stderr and lock.is_file()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "time": 0}))
+    proc = _cli("--config", TINY, "--run-dir", str(run_dir), "--stages", "report")
+    assert f"taking over the stale lock {lock} (pid {dead.pid}" in proc.stderr, proc.stderr[-3000:]
+    assert "in use by another" not in proc.stderr and not lock.exists()

@@ -142,6 +142,16 @@ def test_metrics_are_readable_in_tensorboard_and_wandb(tiny_run: Path):
                 assert wandb_run["history"][step][key] == pytest.approx(value, rel=1e-12), (loop, key, step)
 
 
+def test_saved_models_have_normal_permissions(tiny_run: Path):
+    from jopd.io import current_umask
+
+    mode = 0o777 & ~current_umask()
+    for model_dir in (tiny_run / "export", tiny_run / "sft" / "model", tiny_run / "prepare" / "student_base"):
+        if model_dir.is_dir():
+            assert model_dir.stat().st_mode & 0o777 == mode, model_dir
+    assert (tiny_run / "export").is_dir()
+
+
 def test_export_loads_in_transformers(tiny_run: Path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
@@ -157,10 +167,15 @@ def test_rerun_skips_and_changed_inputs_are_refused(tiny_run: Path):
     proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "up to date (skipped)" in proc.stderr
+    before = {p: p.read_bytes() for p in tiny_run.rglob("*") if p.is_file() and p.name != "run.log"}
     proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run), "rollout.temperature=0.5",
                 "--stages", "rollout")
     assert proc.returncode == 2  # a user error: the message alone, no traceback
     assert "Traceback" not in proc.stderr
+    # the refused run leaves the completed run directory as it was (its resolved config.yaml included, no lock
+    # left behind); only run.log records the invocation
+    after = {p: p.read_bytes() for p in tiny_run.rglob("*") if p.is_file() and p.name != "run.log"}
+    assert after.keys() == before.keys() and all(after[p] == before[p] for p in before)
     assert "different inputs" in proc.stderr and "temperature: 1.0 -> 0.5" in proc.stderr
 
 

@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from jopd import sharding
+from jopd.io import current_umask
 from jopd.models.config import ModelConfig
 from jopd.models.decoder import param_shapes, param_shardings
 
@@ -325,6 +326,7 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir: 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it a normal directory's mode
     try:
         hf = model.config.to_hf_dict()
         saved_dtype = str(jnp.dtype(dtype)) if dtype else model.config.param_dtype
