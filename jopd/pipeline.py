@@ -85,6 +85,13 @@ def model_fingerprint(model_dir: str | os.PathLike, cache_path: str | os.PathLik
     return h.hexdigest()
 
 
+def _as_fields(obj: Any) -> Any:
+    """JSON fallback for the detailed input record: dataclasses as their fields, anything else as text."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return str(obj)
+
+
 def changed_inputs(old: Any, new: Any, prefix: str = "") -> list[str]:
     """``key.sub: old -> new`` for every leaf that differs between two input records."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -253,14 +260,19 @@ class Stage:
 def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     """Skip, resume or refuse ``stage`` by its inputs' fingerprint (module doc); returns its outputs."""
     layout = run.layout
-    inputs = json.loads(json.dumps(stage.inputs(run), sort_keys=True, default=str))
+    raw_inputs = stage.inputs(run)
+    inputs = json.loads(json.dumps(raw_inputs, sort_keys=True, default=str))
     fp = fingerprint(inputs)
+    # The same inputs with config sections as nested fields (the fingerprint keeps hashing ``inputs``, so run
+    # directories written before stay valid): a refusal can then name the leaf that changed (sft.steps: 100 -> 50).
+    detail = json.loads(json.dumps(raw_inputs, sort_keys=True, default=_as_fields))
     for marker in (layout.done(stage.name), layout.started(stage.name)):
         if not marker.is_file():
             continue
         record = read_json(marker)
         if record.get("fingerprint") != fp:
-            changes = changed_inputs(record.get("inputs", {}), inputs)
+            changes = (changed_inputs(record["inputs_detail"], detail) if "inputs_detail" in record
+                       else changed_inputs(record.get("inputs", {}), inputs))
             raise StageError(
                 f"stage {stage.name!r}: {marker.parent} holds outputs made from different inputs; refusing to mix "
                 f"them.\n  changed: {'; '.join(changes[:10]) or '(fingerprint only)'}\n"
@@ -273,7 +285,8 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     if run.is_main:
         if run.config_text is not None:
             atomic_write_text(layout.config_yaml, run.config_text)
-        atomic_write_json(layout.started(stage.name), {"fingerprint": fp, "inputs": inputs, "time": time.time()})
+        atomic_write_json(layout.started(stage.name), {"fingerprint": fp, "inputs": inputs,
+                                                        "inputs_detail": detail, "time": time.time()})
     barrier(f"{stage.name}-start")
     t0 = time.time()
     log.info("stage %s: running", stage.name)
@@ -284,7 +297,8 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     seconds = time.time() - t0
     barrier(f"{stage.name}-end")
     if run.is_main:
-        atomic_write_json(layout.done(stage.name), {"fingerprint": fp, "inputs": inputs, "outputs": outputs,
+        atomic_write_json(layout.done(stage.name), {"fingerprint": fp, "inputs": inputs, "inputs_detail": detail,
+                                                     "outputs": outputs,
                                                      "seconds": seconds, "time": time.time()})
     barrier(f"{stage.name}-done")  # nobody reads this stage's DONE marker before it exists
     log.info("stage %s: done in %.1f s", stage.name, seconds)

@@ -7,6 +7,7 @@ stage run the CLI in a subprocess on a run directory that only holds what the ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -120,3 +121,22 @@ def test_run_directory_lock(tmp_path):
     proc = _cli("--config", TINY, "--run-dir", str(run_dir), "--stages", "report")
     assert f"taking over the stale lock {lock} (pid {dead.pid}" in proc.stderr, proc.stderr[-3000:]
     assert "in use by another" not in proc.stderr and not lock.exists()
+
+
+def test_changed_inputs_name_the_leaf_field(tmp_path):
+    """A stage refused for changed inputs names the field that changed (sft.steps: 100 -> 50), not the whole
+    config section; the fingerprint itself is unchanged by the detailed record (old run directories stay
+    valid)."""
+    from jopd.config import load_config
+    from jopd.pipeline import Run, Stage, StageError, run_stage
+
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}"])
+    run = Run.create(cfg, mesh=None)
+    first = Stage("sft", lambda r: {"sft": r.cfg.sft, "seed": 0}, lambda r: {"ok": 1})
+    assert run_stage(first, run) == {"ok": 1}
+    done = json.loads((tmp_path / "run" / "sft" / "DONE.json").read_text())
+    assert done["inputs"]["sft"].startswith("SFTSection(")  # what the fingerprint hashes, as before
+    changed = Stage("sft", lambda r: {"sft": dataclasses.replace(r.cfg.sft, steps=50), "seed": 0}, first.run)
+    with pytest.raises(StageError) as err:
+        run_stage(changed, run)
+    assert "changed: sft.steps: 100 -> 50" in str(err.value) and "SFTSection(" not in str(err.value)
