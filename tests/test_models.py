@@ -262,8 +262,16 @@ def test_unsupported_config_field(tmp_path, one_mesh, case, edit, match):
          "lm_head.weight"),
         ("llama_tied", lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}),
          "model.layers.0.self_attn.o_proj.bias"),
+        # the same number of elements, stored transposed: refused, never reshaped into scrambled weights
+        ("llama_tied", lambda t: t.update({"model.layers.1.self_attn.k_proj.weight":
+                                           t["model.layers.1.self_attn.k_proj.weight"].T.copy()}),
+         "model.layers.1.self_attn.k_proj.weight"),
+        ("qwen3_moe", lambda t: t.update({"model.layers.0.mlp.experts.2.down_proj.weight":
+                                          t["model.layers.0.mlp.experts.2.down_proj.weight"].T.copy()}),
+         "model.layers.0.mlp.experts.2.down_proj.weight"),
     ],
-    ids=["missing", "missing_expert", "wrong_shape", "transposed_lm_head", "extra"],
+    ids=["missing", "missing_expert", "wrong_shape", "transposed_lm_head", "extra", "transposed_k_proj",
+         "transposed_expert"],
 )
 def test_checkpoint_errors(tmp_path, one_mesh, case, edit, name):
     path = _copy_case(case, tmp_path)

@@ -231,10 +231,20 @@ def _load_param(reader: SafetensorsReader, rule: _Rule, cfg: ModelConfig, shape:
         key = _slice_key(idx, shape)
         if key not in buffers:
             buffers[key] = np.empty(tuple(b - a for a, b in key), dtype=dtype)
+    hf_expected: tuple[int, ...] | None = None
     for lead, hf_key in _index_units(rule, cfg):
         raw = reader.get(hf_key)
-        unit = rule.to_jopd(raw)
         expected = shape[len(lead):]
+        if hf_expected is None:  # the HF shape the config implies (same for every layer / expert of this param)
+            hf_expected = tuple(rule.to_hf(np.zeros(expected, np.int8)).shape)
+        # Checked before the reshape: a tensor stored transposed ([48, 24] for [24, 48]) has the right number
+        # of elements and would otherwise load scrambled.
+        if tuple(raw.shape) != hf_expected:
+            raise CheckpointError(
+                f"{reader.path}: tensor {hf_key} has shape {tuple(raw.shape)}; the config ({cfg.model_type}, "
+                f"hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads} x {cfg.head_dim}) implies "
+                f"{hf_expected}")
+        unit = rule.to_jopd(raw)
         if unit.shape != expected:
             raise CheckpointError(
                 f"{reader.path}: tensor {hf_key} has shape {tuple(raw.shape)}, which maps to {unit.shape}; "
