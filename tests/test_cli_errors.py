@@ -79,6 +79,9 @@ STAGE_CASES = [
     ("JSONL line not JSON", b'{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "x"\n', ":2: invalid JSON"),
     ("row without a prompt", b'{"answer": "4"}\n', ":1: missing prompt field 'prompt'"),
     ("row that is not an object", b'["What is 2+2?", "4"]\n', "expected a JSON object per row"),
+    ("characters outside the vocabulary", ('{"prompt": "What is 2+2? \u65e5", "answer": "4"}\n' + "".join(
+        f'{{"prompt": "What is {i}+1?", "answer": "{i + 1}"}}\n' for i in range(40))).encode(),
+     ":1; characters '\u65e5'"),
     ("non-UTF-8 bytes", b'{"prompt": "caf\xe9", "answer": "4"}\n', "UTF-8"),
 ]
 

@@ -89,6 +89,27 @@ def load_problems(cfg: Any) -> dict[str, list[arithmetic.Problem]]:
     return {"sft": sft, "opd": opd, "eval": evals}
 
 
+def _refuse_unknown_tokens(tok: Any, problems: dict[str, list[arithmetic.Problem]],
+                           encoded: dict[str, list[list[int]]]) -> None:
+    """A prompt the tokenizer can only encode with its unknown token would train and score garbage: refused,
+    naming the prompts (file and line when they come from a prompt file) and the characters."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return
+    bad = [(split, p) for split, probs in problems.items() for p, ids in zip(probs, encoded[split]) if unk in ids]
+    if not bad:
+        return
+    chars = sorted({c for _, p in bad for c in p.prompt if tok.convert_tokens_to_ids(c) == unk})
+    where = []
+    for split, p in bad[:3]:
+        src = f"{p.meta['source']}:{p.meta['line']}" if "source" in p.meta and "line" in p.meta else repr(p.prompt[:40])
+        where.append(f"{split} prompt {src}")
+    raise StageError(
+        f"{len(bad)} prompt(s) contain text the tokenizer has no token for (it would become {tok.unk_token!r}): "
+        f"{', '.join(where)}{' ...' if len(bad) > 3 else ''}; characters {''.join(chars)!r}. Use a tokenizer "
+        "that covers them (tokenizer.path) or remove them from the prompt file")
+
+
 def _student_from_teacher(student_cfg: ModelConfig, run: Run, teacher: str) -> dict:
     """Student params seeded with a teacher's embedding/norms/first layers (widths must match)."""
     t = run.load_model(run.layout.teacher(teacher))
@@ -154,11 +175,12 @@ def execute(run: Run) -> dict[str, Any]:
     tok = run.tokenizer
 
     problems = load_problems(cfg)
+    encoded = {split: [toklib.encode_chat_prompt(tok, p.prompt) for p in probs] for split, probs in problems.items()}
+    _refuse_unknown_tokens(tok, problems, encoded)
     if run.is_main:
         for split, probs in problems.items():
             atomic_write_jsonl(layout.prompts(split), [
-                {"prompt": p.prompt, "label": p.answer, "prompt_ids": toklib.encode_chat_prompt(tok, p.prompt)}
-                for p in probs])
+                {"prompt": p.prompt, "label": p.answer, "prompt_ids": ids} for p, ids in zip(probs, encoded[split])])
 
     summary: dict[str, Any] = {"teachers": {}}
     for name, t in cfg.teachers.items():
