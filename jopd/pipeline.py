@@ -255,6 +255,35 @@ class Stage:
     name: str
     inputs: Callable[[Run], dict[str, Any]]
     run: Callable[[Run], dict[str, Any]]
+    # Where its outputs live (default: RUN_DIR/<name>): listed in DONE.json and checked when the stage is skipped.
+    outputs: Callable[[Run], list[Path]] | None = None
+
+    def output_paths(self, run: Run) -> list[Path]:
+        return self.outputs(run) if self.outputs is not None else [run.layout.stage(self.name)]
+
+
+def output_manifest(stage: Stage, run: Run) -> dict[str, int]:
+    """{path relative to RUN_DIR: size in bytes} of every file of the stage's outputs (its markers excluded)."""
+    root, markers = run.layout.root, {run.layout.done(stage.name), run.layout.started(stage.name)}
+    files: dict[str, int] = {}
+    for base in stage.output_paths(run):
+        for path in [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()):
+            if path not in markers:
+                files[str(path.relative_to(root))] = path.stat().st_size
+    return files
+
+
+def _verify_outputs(stage: Stage, run: Run, recorded: dict[str, int]) -> None:
+    """A skipped stage's outputs must still be what it wrote: every recorded file present, at its size."""
+    now = output_manifest(stage, run)
+    missing = sorted(set(recorded) - set(now))
+    resized = sorted(k for k in recorded if k in now and now[k] != recorded[k])
+    if missing or resized:
+        parts = ([f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []) + (
+            [f"size changed: {', '.join(resized[:5])}{' ...' if len(resized) > 5 else ''}"] if resized else [])
+        raise StageError(
+            f"stage {stage.name!r} completed, but its outputs have changed since ({'; '.join(parts)}): refusing "
+            f"to reuse them. Delete {run.layout.stage(stage.name)} (and the stages after it) to redo it")
 
 
 def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
@@ -278,6 +307,8 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
                 f"them.\n  changed: {'; '.join(changes[:10]) or '(fingerprint only)'}\n"
                 f"  delete {marker.parent} (and the stages after it) or use another run_dir")
         if marker.name == "DONE.json":
+            if "manifest" in record:  # records written before manifests existed are trusted as they are
+                _verify_outputs(stage, run, record["manifest"])
             log.info("stage %s: up to date (skipped)", stage.name)
             return record.get("outputs", {})
         log.info("stage %s: resuming an interrupted run", stage.name)
@@ -297,8 +328,9 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     seconds = time.time() - t0
     barrier(f"{stage.name}-end")
     if run.is_main:
+        manifest = output_manifest(stage, run)
         atomic_write_json(layout.done(stage.name), {"fingerprint": fp, "inputs": inputs, "inputs_detail": detail,
-                                                     "outputs": outputs,
+                                                     "outputs": outputs, "manifest": manifest,
                                                      "seconds": seconds, "time": time.time()})
     barrier(f"{stage.name}-done")  # nobody reads this stage's DONE marker before it exists
     log.info("stage %s: done in %.1f s", stage.name, seconds)

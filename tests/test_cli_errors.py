@@ -143,3 +143,34 @@ def test_changed_inputs_name_the_leaf_field(tmp_path):
     with pytest.raises(StageError) as err:
         run_stage(changed, run)
     assert "changed: sft.steps: 100 -> 50" in str(err.value) and "SFTSection(" not in str(err.value)
+
+
+def test_skipped_stage_reverifies_its_outputs(tmp_path):
+    """A completed stage is skipped only while its outputs are what it wrote (every file present, at its
+    recorded size): a deleted store chunk or a truncated file is reported, never silently reused."""
+    from jopd.config import load_config
+    from jopd.pipeline import Run, Stage, StageError, run_stage
+
+    run = Run.create(load_config(TINY, [f"run_dir={tmp_path / 'run'}"]), mesh=None)
+    out = run.layout.stage("rollout")
+
+    def write(r):
+        (out / "store" / "chunks").mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (out / "store" / "chunks" / f"{i}").write_bytes(b"x" * (10 + i))
+        (out / "summary.json").write_text("{}")
+        return {}
+
+    stage = Stage("rollout", lambda r: {"seed": 0}, write)
+    run_stage(stage, run)
+    manifest = json.loads((out / "DONE.json").read_text())["manifest"]
+    assert manifest == {"rollout/store/chunks/0": 10, "rollout/store/chunks/1": 11, "rollout/store/chunks/2": 12,
+                        "rollout/summary.json": 2}
+    run_stage(stage, run)  # untouched: skipped
+    (out / "store" / "chunks" / "1").unlink()
+    (out / "summary.json").write_text("{ }")
+    with pytest.raises(StageError) as err:
+        run_stage(stage, run)
+    message = str(err.value)
+    assert "missing rollout/store/chunks/1" in message and "size changed: rollout/summary.json" in message
+    assert f"Delete {out}" in message

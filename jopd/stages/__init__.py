@@ -24,8 +24,17 @@ from jopd.stages import (
 _MODULES = {"prepare": prepare, "teacher_data": teacher_data, "sft": sft, "rollout": rollout,
             "precompute": precompute, "train": train, "online": online, "eval": evaluate, "export": export,
             "report": report}
+# Stages whose outputs are not (only) their own RUN_DIR/<name> directory (checked when the stage is skipped).
+_OUTPUTS = {
+    "train": lambda run: [run.layout.stage("train")]
+    + [run.layout.arm(a.name) for a in run.cfg.arms if a.mode == "lightning"],
+    "online": lambda run: [run.layout.stage("online")]
+    + [run.layout.arm(a.name) for a in run.cfg.arms if a.mode == "online"],
+    "report": lambda run: [run.layout.stage("report"), run.layout.report, run.layout.plots],
+}
 # The order is the config's (config.STAGES validates `stages:` before anything is imported).
-STAGES: tuple[Stage, ...] = tuple(Stage(name, _MODULES[name].inputs, _MODULES[name].execute) for name in config.STAGES)
+STAGES: tuple[Stage, ...] = tuple(Stage(name, _MODULES[name].inputs, _MODULES[name].execute, _OUTPUTS.get(name))
+                                  for name in config.STAGES)
 
 
 def stage(name: str) -> Stage:
