@@ -690,6 +690,24 @@ def apply_override(data: dict, assignment: str) -> None:
             "e.g. arms.0.teacher, within the list's length)"]) from None
 
 
+def _run_dir_problems(run_dir: str) -> list[str]:
+    """The run directory must be a directory, or creatable: its nearest existing ancestor a writable directory."""
+    if os.path.exists(run_dir):
+        if not os.path.isdir(run_dir):
+            return [f"run_dir: {run_dir!r} exists and is not a directory"]
+        if not os.access(run_dir, os.W_OK):
+            return [f"run_dir: {run_dir!r} is not writable"]
+        return []
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return [f"run_dir: {run_dir!r} cannot be created: {parent!r} is a file, not a directory"]
+    if not os.access(parent, os.W_OK):
+        return [f"run_dir: {run_dir!r} cannot be created: {parent!r} is not writable"]
+    return []
+
+
 # ---- cross-section checks ----------------------------------------------------------------------------------
 def _section_problems(cfg: Config) -> list[str]:
     """Every section's checks of its own fields, each problem under its dotted path."""
@@ -726,6 +744,8 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
         elif kind == "hf" and not os.path.isfile(os.path.join(full, "config.json")):
             errors.append(f"{where}: {p!r} is not a Hugging Face model directory (no config.json)")
 
+    if check_files:
+        errors += _run_dir_problems(cfg.run_dir if os.path.isabs(cfg.run_dir) else os.path.join(base_dir, cfg.run_dir))
     path_ok("tokenizer.path", cfg.tokenizer.path, "dir")
     if cfg.task.kind == "prompt_file":
         for key in ("prompt_file", "sft_prompt_file", "opd_prompt_file", "eval_prompt_file"):

@@ -298,7 +298,13 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     for marker in (layout.done(stage.name), layout.started(stage.name)):
         if not marker.is_file():
             continue
-        record = read_json(marker)
+        try:
+            record = read_json(marker)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as err:
+            raise StageError(f"{marker}: not a readable stage marker ({err}); delete {marker.parent} (and the "
+                             "stages after it) to redo the stage") from None
         if record.get("fingerprint") != fp:
             changes = (changed_inputs(record["inputs_detail"], detail) if "inputs_detail" in record
                        else changed_inputs(record.get("inputs", {}), inputs))

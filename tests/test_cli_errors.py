@@ -174,3 +174,20 @@ def test_skipped_stage_reverifies_its_outputs(tmp_path):
     message = str(err.value)
     assert "missing rollout/store/chunks/1" in message and "size changed: rollout/summary.json" in message
     assert f"Delete {out}" in message
+
+
+def test_run_directory_errors(tmp_path, capsys):
+    """A run directory that is a file, lies under a file, or holds a garbled stage marker: exit 2 naming it."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for run_dir, message in ((a_file, "exists and is not a directory"),
+                             (a_file / "run", "cannot be created: '" + str(a_file) + "' is a file")):
+        code = main(["--config", TINY, "--run-dir", str(run_dir)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"run_dir: '{run_dir}'" in err and message in err and "Traceback" not in err, err
+    garbled = tmp_path / "run" / "report" / "DONE.json"
+    garbled.parent.mkdir(parents=True)
+    garbled.write_text("{garbled")
+    proc = _cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--stages", "report")
+    assert proc.returncode == 2 and f"{garbled}: not a readable stage marker" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
