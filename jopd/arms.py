@@ -57,6 +57,16 @@ def objective_inputs(run: Run, arm_list: list[Any]) -> dict[str, Any]:
     return {"objectives": objectives} if objectives else {}
 
 
+def ppo_inputs(run: Run) -> dict[str, Any]:
+    """What an OPD stage's inputs add for several PPO updates per batch: ``{"ppo": {"ppo_epochs": E,
+    "mini_batches": M}}`` unless both are 1 (the fused default), else nothing. Like the objective fields they
+    are out of the OPD section's repr, so existing run directories keep their fingerprints."""
+    opd = run.cfg.opd
+    if opd.ppo_epochs == 1 and opd.mini_batches == 1:
+        return {}
+    return {"ppo": {"ppo_epochs": opd.ppo_epochs, "mini_batches": opd.mini_batches}}
+
+
 def kl_teacher_name(run: Run) -> str:
     return run.cfg.eval.kl_teacher or run.cfg.sft_teacher
 

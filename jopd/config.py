@@ -426,9 +426,48 @@ class OPDSection(TrainLoop):
     jsd_beta: float = doc("beta of loss_weights.topk_jsd, in (0, 1): the mixture M = beta teacher + (1 - beta) "
                           "student; small beta ~ beta * forward KL, beta near 1 ~ (1 - beta) * reverse KL.", 0.5,
                           repr=False)
+    # Out of the repr too (a run made before they existed keeps its fingerprints); the stages record them when
+    # set (jopd.arms.ppo_inputs).
+    ppo_epochs: int = doc(
+        "PPO epochs per rollout batch: with ppo_epochs * mini_batches > 1 each batch gets that many optimizer "
+        "updates, the PPO ratio taken against the log-probs at the batch's start (so the clip acts); 1 with "
+        "mini_batches 1 = one fused update (ratio 1, the paper's). `steps` still counts batches; the lr "
+        "schedule (and optim.warmup_steps) counts updates: steps * ppo_epochs * mini_batches. Epoch 1 takes "
+        "the batch's rows in order, each later epoch a fixed permutation of them (from the run's seed).", 1,
+        repr=False)
+    mini_batches: int = doc(
+        "Mini-batches (optimizer updates) per PPO epoch; must divide the batch's rows (batch_size, or packed "
+        "rows token_budget // row_len), and micro_batch_size must divide a mini-batch's rows.", 1, repr=False)
+
+    def ppo_updates(self) -> int:
+        """Optimizer updates per rollout batch."""
+        return self.ppo_epochs * self.mini_batches
+
+    def _ppo_problems(self, where: str) -> list[str]:
+        errors = (_positive(f"{where}.ppo_epochs", self.ppo_epochs)
+                  + _positive(f"{where}.mini_batches", self.mini_batches))
+        m = self.mini_batches
+        if errors or not isinstance(m, int) or m == 1:
+            return errors
+        if self.token_budget is None:
+            rows, what = self.batch_size, f"batch_size {self.batch_size}"
+        elif self.row_len and self.token_budget > 0 and self.row_len > 0:
+            rows = self.token_budget // self.row_len
+            what = f"the packed rows token_budget // row_len = {rows}"
+        else:  # packed rows depend on the data; the step checks them when it is built
+            return errors
+        if not isinstance(rows, int) or rows <= 0:  # reported by TrainLoop's checks
+            return errors
+        if rows % m:
+            return errors + [f"{where}.mini_batches: must divide {what}, got {m}"]
+        micro = self.micro_batch_size
+        if isinstance(micro, int) and micro > 0 and (rows // m) % micro:
+            errors.append(f"{where}.mini_batches: a mini-batch of {rows // m} rows ({what} / mini_batches {m}) "
+                          f"must be a multiple of {where}.micro_batch_size {micro}")
+        return errors
 
     def problems(self, where: str) -> list[str]:
-        return (super().problems(where) + self.optim.problems(f"{where}.optim")
+        return (super().problems(where) + self.optim.problems(f"{where}.optim") + self._ppo_problems(where)
                 + self.loss_weights.problems(f"{where}.loss_weights")
                 + _jsd_beta_problems(f"{where}.jsd_beta", self.jsd_beta)
                 + _positive(f"{where}.eps_low", self.eps_low, allow_zero=True)

@@ -500,6 +500,7 @@ def opd_token_loss(
     teacher_logprobs: jax.Array,
     response_mask: jax.Array,
     *,
+    old_logprobs: jax.Array | None = None,
     behaviour_logprobs: jax.Array | None = None,
     ref_logprobs: jax.Array | None = None,
     eps_low: float = 0.2,
@@ -507,30 +508,32 @@ def opd_token_loss(
     tis_cap: float | None = None,
     kl_coef: float = 0.0,
 ) -> jax.Array:
-    """Per-token fused OPD loss ``[B, T]``: the value :func:`opd_loss` aggregates when ``old_logprobs`` is
-    None and ``normalize_advantages`` is off, so that
-    ``opd_loss(...)[0] == sum(token_weights(...) * opd_token_loss(...))``.
+    """Per-token fused OPD loss ``[B, T]``: the value :func:`opd_loss` aggregates when ``normalize_advantages``
+    is off, so that ``opd_loss(...)[0] == sum(token_weights(...) * opd_token_loss(...))`` (same
+    ``old_logprobs``).
 
     Per response token (0 elsewhere): ``-w * A * exp(student - stop_gradient(student))
     [+ kl_coef * low_var_kl(student, ref)]`` with ``A = stop_gradient(teacher - student)`` and the TIS weight
     ``w = stop_gradient(min(exp(student - behaviour), tis_cap))`` (1 without ``tis_cap``). The ratio is 1,
     so the clip is never active; the gradient w.r.t. ``student_t`` is ``-w_t * A_t`` plus the KL term's.
     Token-local, so it may be evaluated on any slice of the positions (e.g. a sequence chunk ``[B, c]``).
+    With ``old_logprobs`` (several PPO updates per batch) ``old`` is those instead, ``A = teacher - old``, and
+    the ratio ``exp(student - old)`` is clipped as in :func:`opd_loss` (still token-local).
 
     Args: as :func:`opd_loss` (``behaviour_logprobs`` only matters with ``tis_cap``, ``ref_logprobs`` only
     with ``kl_coef > 0``).
     """
     _check_shapes(response_mask, student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
-                  behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs)
+                  old_logprobs=old_logprobs, behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs)
     _check_opd_options(eps_low, eps_high, tis_cap, kl_coef, behaviour_logprobs is not None,
                        ref_logprobs is not None)
     behaviour = behaviour_logprobs if tis_cap is not None else None
     ref = ref_logprobs if kl_coef > 0.0 else None
-    dtype = _compute_dtype(student_logprobs, teacher_logprobs, behaviour, ref)
+    dtype = _compute_dtype(student_logprobs, teacher_logprobs, old_logprobs, behaviour, ref)
     on = jnp.asarray(response_mask) > 0
     clean = functools.partial(_clean, on=on, dtype=dtype)
     student = clean(student_logprobs)
-    old = jax.lax.stop_gradient(student)
+    old = jax.lax.stop_gradient(student if old_logprobs is None else clean(old_logprobs))
     adv = jax.lax.stop_gradient(clean(teacher_logprobs) - old)
     terms = _opd_terms(student, old, adv, on,
                        behaviour=None if behaviour is None else jax.lax.stop_gradient(clean(behaviour)),

@@ -6,6 +6,14 @@ step is ONE fused forward/backward: the "old" log-probs of the PPO ratio are the
 ``micro_batch_size < batch_size`` the gradient is accumulated over micro-batches inside the same jit
 (``lax.scan``), using full-batch loss denominators so the result equals the full-batch gradient.
 
+Several PPO updates per batch (``make_opd_step(..., ppo_epochs=E, mini_batches=M)``, ``E * M > 1``): the old
+log-probs (and the KL reference's) are computed once with the batch-start params, no gradient, then the step
+makes ``E * M`` optimizer updates inside the same jit (a ``lax.scan`` over updates: one compiled update body,
+one dispatch per batch, the state donated as for the fused step), each on a mini-batch of ``B / M`` rows
+(epoch 1 in order, later epochs a fixed permutation, :func:`mini_batch_order`) with the PPO ratio taken
+against the frozen old log-probs, so the clip acts. The fused and top-k heads take the old log-probs too
+(the loss stays token-local). The default ``E = M = 1`` is the fused update above, unchanged.
+
 A non-finite loss or gradient never reaches the parameters: the update is skipped inside the step and
 ``metrics["nonfinite"]`` is set, which the caller turns into an error naming the batch.
 
@@ -41,6 +49,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -201,15 +210,16 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
     [+ segment_ids, positions when packed], all [B, T]."""
     mask = batch["response_mask"]
     seg = batch.get("segment_ids")
-    ref = None
-    if loss_cfg.kl_coef > 0:
+    old = batch.get("old_logprobs")  # several PPO updates per batch: frozen at the batch's start
+    ref = batch.get("ref_logprobs")  # the same, computed once at the batch's start
+    if loss_cfg.kl_coef > 0 and ref is None:
         if ref_params is None:
             raise ValueError("kl_coef > 0 needs ref_params (the SFT policy)")
         ref = jax.lax.stop_gradient(_logprobs(ref_params, config, batch))
     behaviour = batch.get("behaviour_logprobs") if (loss_cfg.tis_cap is not None or
                                                     "behaviour_logprobs" in batch) else None
     opd_loss = functools.partial(
-        losses.opd_loss, teacher_logprobs=batch["teacher_logprobs"], response_mask=mask,
+        losses.opd_loss, teacher_logprobs=batch["teacher_logprobs"], response_mask=mask, old_logprobs=old,
         behaviour_logprobs=behaviour, ref_logprobs=ref, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
         aggregation=loss_cfg.aggregation, normalize_advantages=loss_cfg.normalize_advantages,
         tis_cap=loss_cfg.tis_cap, kl_coef=loss_cfg.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -224,7 +234,8 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
 
     def per_token(lp: Array, a: dict[str, Array]) -> Array:
         return a["weight"] * losses.opd_token_loss(
-            lp, a["teacher"], a["mask"], behaviour_logprobs=a["behaviour"], ref_logprobs=a["ref"],
+            lp, a["teacher"], a["mask"], old_logprobs=a.get("old"), behaviour_logprobs=a["behaviour"],
+            ref_logprobs=a["ref"],
             eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high, tis_cap=loss_cfg.tis_cap,
             kl_coef=loss_cfg.kl_coef)
 
@@ -234,6 +245,8 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
         weight = w_sampled * weight
     aux = {"weight": weight, "teacher": batch["teacher_logprobs"], "mask": mask, "behaviour": behaviour,
            "ref": ref}
+    if old is not None:
+        aux["old"] = old
     loss, student = _fused_head_loss(params, config, batch, per_token, aux)
     _, metrics = opd_loss(student)
     return loss, metrics
@@ -321,11 +334,13 @@ def _tree_norm(tree: Any) -> Array:
 
 
 def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array],
-           optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
+           optimizer: optax.GradientTransformation,
+           skip: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
     # In fp32 whatever the params' dtype: with bf16 master weights the grads are bf16, and the norm (a logged
     # metric and the finiteness check) would otherwise be a bf16 sum of squares.
     grad_norm = _tree_norm(jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite if skip is None else finite & ~skip  # skip: an earlier update of the batch was non-finite
 
     def update(state: TrainState) -> TrainState:
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -334,7 +349,7 @@ def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array]
     # Skip (keep the old state) when anything is non-finite; the caller raises with the batch identified. A
     # conditional, not a select of old and new: XLA then updates the donated state in place, where the select
     # needs a copy of the largest Adam moments (2 x the embedding's size at the step's end).
-    new_state = jax.lax.cond(finite, update, lambda state: state, state)
+    new_state = jax.lax.cond(apply, update, lambda state: state, state)
     out = dict(metrics)
     out.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite)
     return new_state, out
@@ -344,6 +359,96 @@ def _train_step(state: TrainState, batch: Batch, *, objective: Objective, optimi
                 mesh) -> tuple[TrainState, dict[str, Array]]:
     loss, grads, metrics = _accumulated_grads(objective, state.params, batch, micro_batches)
     return _apply(state, loss, grads, metrics, optimizer)
+
+
+# ---- several PPO updates per batch ---------------------------------------------------------------------
+def mini_batch_order(rows: int, ppo_epochs: int, seed: int = 0) -> np.ndarray:
+    """Row order of the PPO updates of one batch, int32 ``[ppo_epochs, rows]``: the first epoch takes the rows
+    as they come (the loader has already shuffled them), each later epoch ``e`` a fixed permutation drawn from
+    ``(seed, e)``, the same for every batch (so it needs no state: a resumed run continues exactly). Epoch
+    ``e``'s mini-batch ``j`` is rows ``order[e, j * rows // M:(j + 1) * rows // M]``."""
+    perms = [np.arange(rows)] + [np.random.default_rng([seed, e, 0x99D]).permutation(rows)
+                                 for e in range(1, ppo_epochs)]
+    return np.stack(perms).astype(np.int32)
+
+
+def _rows_constrained(tree: Any, lead: int = 0) -> Any:
+    """Each leaf's row axis (after ``lead`` leading axes) on the mesh's batch axes."""
+    return jax.tree.map(lambda x: sharding.constrain(x, (None,) * lead + ("batch",) + (None,) * (x.ndim - lead - 1)),
+                        tree)
+
+
+def _frozen_logprobs(params: Any, config: ModelConfig, batch: Batch, chunk_rows: int,
+                     ref_params: Any) -> dict[str, Array]:
+    """``old_logprobs`` (and ``ref_logprobs`` when ``ref_params`` is given) ``[B, T]`` of the batch at its start:
+    no gradient, ``chunk_rows`` rows per forward pass (the micro-batch size, so memory is that of one)."""
+    keys = ("tokens", "response_mask") + tuple(k for k in _PACKING_KEYS if k in batch)
+    inputs = {k: batch[k] for k in keys}
+
+    def forward(b: Batch) -> dict[str, Array]:
+        out = {"old_logprobs": _logprobs(params, config, b)}
+        if ref_params is not None:
+            out["ref_logprobs"] = _logprobs(ref_params, config, b)
+        return out
+
+    n = batch["tokens"].shape[0] // chunk_rows
+    if n == 1:
+        out = forward(inputs)
+    else:
+        chunks = jax.tree.map(lambda x: x.reshape((n, chunk_rows) + x.shape[1:]), inputs)
+        out = jax.lax.map(lambda b: forward(_rows_constrained(b)), chunks)
+        out = jax.tree.map(lambda x: x.reshape((n * chunk_rows,) + x.shape[2:]), out)
+    return _rows_constrained(jax.tree.map(jax.lax.stop_gradient, out))
+
+
+def _combine_updates(per: dict[str, Array], epochs: int) -> dict[str, Array]:
+    """The metrics of the batch's ``[U]`` updates: ``loss`` / ``grad_norm`` their mean, the other means
+    weighted by each update's token count, ``*_max`` the max, ``num_tokens`` / ``num_seqs`` the batch's
+    (one epoch's sum), ``nonfinite`` any; plus each ``KEY_per_update`` ``[U]`` as it was."""
+    weights = per["num_tokens"] / jnp.maximum(jnp.sum(per["num_tokens"]), 1.0)
+    out: dict[str, Array] = {}
+    for k, v in per.items():
+        if k == "nonfinite":
+            out[k] = jnp.any(v)
+        elif k in ("num_tokens", "num_seqs"):
+            out[k] = jnp.sum(v) / epochs
+        elif k.endswith("_max"):
+            out[k] = jnp.max(v)
+        elif k in ("loss", "grad_norm"):
+            out[k] = jnp.mean(v)
+        else:
+            out[k] = jnp.sum(v * weights)
+        out[f"{k}_per_update"] = v
+    return out
+
+
+def _ppo_step(state: TrainState, batch: Batch, *, objective: Objective, optimizer, config: ModelConfig,
+              order: np.ndarray, mini_batches: int, micro_batches: int, chunk_rows: int,
+              ref_params: Any) -> tuple[TrainState, dict[str, Array]]:
+    """``E * M`` optimizer updates on one batch (``E, B = order.shape``): the old (and reference) log-probs
+    are computed once with the batch-start params, then each epoch's rows (``order[e]``) are split into
+    ``M`` mini-batches of ``B / M`` rows, one update each (its own loss denominators, ``micro_batches``-way
+    accumulation inside), the PPO ratio taken against the frozen old log-probs. A ``lax.scan`` over the
+    updates; after a non-finite update the batch's later ones are skipped too."""
+    epochs, rows = order.shape
+    full = {**batch, **_frozen_logprobs(state.params, config, batch, chunk_rows, ref_params)}
+    per_mb = rows // mini_batches
+    if epochs == 1:  # in order: no gather
+        stacked = jax.tree.map(lambda x: x.reshape((mini_batches, per_mb) + x.shape[1:]), full)
+    else:
+        idx = jnp.asarray(order.reshape(-1))
+        stacked = jax.tree.map(lambda x: jnp.take(x, idx, axis=0).reshape((epochs * mini_batches, per_mb)
+                                                                          + x.shape[1:]), full)
+    stacked = _rows_constrained(stacked, lead=1)
+
+    def body(carry, mb):
+        st, bad = carry
+        loss, grads, metrics = _accumulated_grads(objective, st.params, _rows_constrained(mb), micro_batches)
+        st, out = _apply(st, loss, grads, metrics, optimizer, skip=bad)
+        return (st, bad | out["nonfinite"]), out
+
+    (state, _), per = jax.lax.scan(body, (state, jnp.zeros((), bool)), stacked)
+    return state, _combine_updates(per, epochs)
 
 
 def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...], batch_size: int,
@@ -357,7 +462,8 @@ def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...]
 
 def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, mesh, state: TrainState,
                   batch_size: int, micro_batch_size: int | None = None, with_behaviour: bool = False,
-                  with_ref: bool = False, packed: bool = False) -> Callable:
+                  with_ref: bool = False, packed: bool = False, ppo_epochs: int = 1, mini_batches: int = 1,
+                  shuffle_seed: int = 0) -> Callable:
     """Jitted OPD step ``(state, batch[, ref_params]) -> (state, metrics)``.
 
     batch: ``tokens`` int32, ``response_mask`` int32, ``teacher_logprobs`` f32 [+ ``behaviour_logprobs``]
@@ -365,10 +471,36 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
     the mesh's batch axes. ``with_ref`` adds a third argument: the reference (SFT) params for the KL penalty.
     With a top-k weight in ``loss_cfg.loss_weights`` the batch also carries ``teacher_topk_ids`` int32 and
     ``teacher_topk_logprobs`` f32 ``[batch_size, T, k]``.
+
+    ``ppo_epochs = mini_batches = 1`` (the default): one fused update (ratio 1). Otherwise the step makes
+    ``ppo_epochs * mini_batches`` optimizer updates on the batch (see :func:`_ppo_step`; rows per epoch in
+    :func:`mini_batch_order` ``(batch_size, ppo_epochs, shuffle_seed)``), the PPO ratio against the log-probs
+    of the batch's start, so the clip acts; ``micro_batch_size`` then splits each mini-batch and must divide
+    ``batch_size / mini_batches``. ``state.step`` counts optimizer updates, so it advances by
+    ``ppo_epochs * mini_batches`` per call. Metrics: see :func:`_combine_updates`.
     """
     micro = batch_size // (micro_batch_size or batch_size)
+    if ppo_epochs < 1 or mini_batches < 1:
+        raise ValueError(f"ppo_epochs and mini_batches must be >= 1, got {ppo_epochs} and {mini_batches}")
+    updates = ppo_epochs * mini_batches
+    if updates > 1:
+        if batch_size % mini_batches:
+            raise ValueError(f"mini_batches {mini_batches} must divide the batch's {batch_size} rows")
+        per_mb = batch_size // mini_batches
+        if micro_batch_size is not None and per_mb % micro_batch_size:
+            raise ValueError(f"micro_batch_size {micro_batch_size} must divide the {per_mb} rows of a mini-batch "
+                             f"(batch {batch_size} / mini_batches {mini_batches})")
+        micro_per_mb = per_mb // (micro_batch_size or per_mb)
+        order = mini_batch_order(batch_size, ppo_epochs, shuffle_seed)
 
     def step(state, batch, ref_params=None):
+        if updates > 1:
+            # The reference log-probs are frozen once per batch with the old ones (no ref pass per update).
+            objective = lambda p, b, nt, ns: opd_objective(p, config, b, loss_cfg, nt, ns)  # noqa: E731
+            return _ppo_step(state, batch, objective=objective, optimizer=optimizer, config=config, order=order,
+                             mini_batches=mini_batches, micro_batches=micro_per_mb,
+                             chunk_rows=micro_batch_size or per_mb,
+                             ref_params=ref_params if loss_cfg.kl_coef > 0 else None)
         objective = lambda p, b, nt, ns: opd_objective(p, config, b, loss_cfg, nt, ns, ref_params)  # noqa: E731
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
                            mesh=mesh)

@@ -191,8 +191,12 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
         batch_phases: Callable[[], Mapping[str, float]] | None = None,
         evaluate: Callable[[Model], Mapping[str, float]] | None = None,
         logger: looplib.MetricsLogger | None = None, name: str = "opd",
-        hooks: Sequence[looplib.Hook] = (), arm: Any = None) -> tuple[Model, looplib.LoopState]:
+        hooks: Sequence[looplib.Hook] = (), arm: Any = None, seed: int = 0) -> tuple[Model, looplib.LoopState]:
     """Train ``student`` with the OPD step for ``opd.steps`` steps on ``batches`` (``rows`` rows each).
+
+    A step is one batch: ``opd.ppo_epochs * opd.mini_batches`` optimizer updates (1 by default: the fused
+    update), so the lr schedule spans ``opd.steps`` times that many updates; ``seed`` draws the mini-batches'
+    row order of the later PPO epochs (:func:`jopd.steps.mini_batch_order`).
 
     ``opd``: an OPDSection (loss, optimizer, cadences); ``arm``: an ArmSection whose own objective
     (``loss_weights`` / ``jsd_beta``) replaces opd's (with a top-k weight the batches must carry
@@ -203,11 +207,12 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
     mesh = student.mesh
     # The KL reference must be a separate copy: the state's params are donated to (consumed by) each step.
     ref_params = jax.tree.map(jnp.copy, student.params) if opd.kl_coef > 0 else None
-    optimizer = optimizer_from_section(opd.optim, opd.steps)
+    optimizer = optimizer_from_section(opd.optim, opd.steps * opd.ppo_updates())
     state = init_state(student.params, optimizer)
     jitted = make_opd_step(student.config, optimizer, opd_loss_config(opd, arm), mesh=mesh, state=state,
                            batch_size=rows, micro_batch_size=opd.micro_batch_size, with_behaviour=True,
-                           with_ref=ref_params is not None, packed=packed)
+                           with_ref=ref_params is not None, packed=packed, ppo_epochs=opd.ppo_epochs,
+                           mini_batches=opd.mini_batches, shuffle_seed=seed)
     step_fn = jitted if ref_params is None else (lambda st, b: jitted(st, b, ref_params))
     ckpt = Checkpointer(ckpt_dir, keep=opd.keep_checkpoints, async_save=opd.async_checkpointing)
     resume = looplib.restore(ckpt, state, data_iterator=data_iterator)

@@ -29,7 +29,8 @@ def inputs(run: Run) -> dict[str, Any]:
             "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
                          "max_new_tokens": r.max_new_tokens},
             "teachers": {a.teacher: run.fingerprint(run.layout.teacher(a.teacher)) for a in online},
-            "sft": run.upstream("sft"), "prepare": run.upstream("prepare"), **arms.objective_inputs(run, online)}
+            "sft": run.upstream("sft"), "prepare": run.upstream("prepare"), **arms.objective_inputs(run, online),
+            **arms.ppo_inputs(run)}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -53,6 +54,6 @@ def execute(run: Run) -> dict[str, Any]:
         model, loop = opd(student, batches, opd=cfg.opd, rows=cfg.opd.batch_size, ckpt_dir=layout.arm_ckpt(arm.name),
                           describe_batch=batches.describe, batch_phases=lambda b=batches: b.last_phases,
                           evaluate=evaluate, logger=arms.arm_logger(run, arm), name=f"arm {arm.name!r}",
-                          hooks=[batches, *run.hooks], arm=arm)
+                          hooks=[batches, *run.hooks], arm=arm, seed=cfg.seed)
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}

@@ -61,7 +61,7 @@ def inputs(run: Run) -> dict[str, Any]:
         return {"arms": []}
     return {"opd": run.cfg.opd, "arms": lightning, "seed": run.cfg.seed, "precision": run.cfg.precision,
             "sft": run.upstream("sft"), "precompute": run.upstream("precompute"),
-            **arms.objective_inputs(run, lightning)}
+            **arms.objective_inputs(run, lightning), **arms.ppo_inputs(run)}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -88,6 +88,6 @@ def execute(run: Run) -> dict[str, Any]:
         model, loop = opd(student, data, opd=cfg.opd, rows=data.rows, packed=data.packed,
                           ckpt_dir=layout.arm_ckpt(arm.name), data_iterator=data.data_iterator,
                           describe_batch=data.describe, evaluate=evaluate, logger=arms.arm_logger(run, arm),
-                          name=f"arm {arm.name!r}", hooks=run.hooks, arm=arm)
+                          name=f"arm {arm.name!r}", hooks=run.hooks, arm=arm, seed=cfg.seed)
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}
