@@ -131,3 +131,18 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tiny_shrink(teachers: str = "AB", eval_every: int = 2) -> list[str]:
+    """Dotted overrides that cut configs/tiny.yaml to its smallest (every stage still runs; compilation
+    dominates): the CLI tests' common run. ``teachers``: the in-run teachers the config has."""
+    return [
+        "task.num_sft_prompts=32", "task.num_opd_prompts=16", "task.num_eval_prompts=8",
+        *(f"teachers.{t}.{k}" for t in teachers for k in ("pretrain_examples=128", "pretrain.steps=16",
+                                                          "pretrain.checkpoint_every=16")),
+        "teacher_data.max_new_tokens=16", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
+        "teacher_data.batch_size=32", "rollout.batch_size=16", "rollout.rows_per_chunk=16",
+        "precompute.batch_size=16", "eval.batch_size=8",
+        "sft.steps=8", "sft.checkpoint_every=8", "sft.batch_size=8",
+        "opd.steps=2", "opd.checkpoint_every=2", f"opd.eval_every={eval_every}", "opd.log_every=1",
+    ]

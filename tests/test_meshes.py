@@ -22,6 +22,7 @@ import optax
 import pytest
 from conftest import eight_devices, hf_dir, one_device
 from jax.sharding import NamedSharding, PartitionSpec
+from test_steps import ragged_batch
 
 from jopd import sharding, steps
 from jopd.models import load_pretrained, token_logprobs
@@ -44,18 +45,7 @@ IDS = [f"{case}-{mesh}" for case, mesh in CASES]
 
 
 def _batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random tokens with ragged prompts / responses (one row without response tokens) and a teacher whose
-    log-probs are far from the student's (non-zero advantages everywhere on the response)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, vocab, (B, T)).astype(np.int32)
-    response_mask = np.zeros((B, T), np.int32)
-    for i in range(B):
-        start = int(rng.integers(2, 5))
-        stop = start if i == 3 else int(rng.integers(start + 1, T + 1))
-        response_mask[i, start:stop] = 1
-        tokens[i, stop:] = 0
-    teacher = (-rng.random((B, T)) * 5 - 0.1).astype(np.float32) * response_mask
-    return {"tokens": tokens, "response_mask": response_mask, "teacher_logprobs": teacher}
+    return ragged_batch(vocab, seed, B, T)
 
 
 def _gathered_expert_dims(hlo: str, n_experts: int, kernel_dims: set[tuple[int, int]],

@@ -30,20 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny pipeline at its smallest: every stage runs, compilation dominates.
-SHRINK = [
-    "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2",
-    "task.num_sft_prompts=32", "task.num_opd_prompts=16", "task.num_eval_prompts=8",
-    *(f"teachers.{t}.{k}" for t in "AB" for k in ("pretrain_examples=128", "pretrain.steps=16",
-                                                   "pretrain.checkpoint_every=16")),
-    "teacher_data.max_new_tokens=16", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
-    "teacher_data.batch_size=32", "rollout.batch_size=16", "rollout.rows_per_chunk=16",
-    "precompute.batch_size=16", "eval.batch_size=8",
-    "sft.steps=8", "sft.checkpoint_every=8", "sft.batch_size=8",
-    "opd.steps=2", "opd.checkpoint_every=2", "opd.eval_every=2", "opd.log_every=1",
-]
+SHRINK = ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", *tiny_shrink()]
 
 
 def _free_port() -> int:

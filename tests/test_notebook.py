@@ -16,20 +16,12 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+from conftest import tiny_shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 ARMS = ("lightning_A", "lightning_B", "online_A")
-SHRINK = [
-    "task.num_sft_prompts=32", "task.num_opd_prompts=16", "task.num_eval_prompts=8",
-    *(f"teachers.{t}.{k}" for t in "AB" for k in ("pretrain_examples=128", "pretrain.steps=16",
-                                                   "pretrain.checkpoint_every=16")),
-    "teacher_data.max_new_tokens=16", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
-    "teacher_data.batch_size=32", "rollout.batch_size=16", "rollout.rows_per_chunk=16",
-    "precompute.batch_size=16", "eval.batch_size=8",
-    "sft.steps=8", "sft.checkpoint_every=8", "sft.batch_size=8",
-    "opd.steps=2", "opd.checkpoint_every=2", "opd.eval_every=0", "opd.log_every=1",  # no in-loop eval: the eval stage scores each arm
-]
+SHRINK = tiny_shrink(eval_every=0)  # no in-loop eval: the eval stage scores each arm
 STAGES = "prepare,teacher_data,sft,rollout,precompute,train,online,eval,report"  # tiny.yaml's, less export
 
 

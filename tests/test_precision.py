@@ -18,7 +18,7 @@ teacher log-probs; one CPU device):
   upcast bf16 dots when compiling; the program asks for bf16.) The attention core's two score-gradient
   einsums (d q, d k) and the unfused log-prob head's two backward ``[.., V]`` matmuls used to run on fp32
   operands (autodiff of a bf16 x bf16 -> f32 dot transposes with the fp32 cotangent); both now have custom
-  VJPs (jopd/models/decoder.py ``_scores``, jopd/models/logprobs.py ``_head_logits``), guarded here.
+  VJPs (jopd/models/decoder.py ``_scores``, jopd/models/logprobs.py ``head_logits``), guarded here.
 * ``param_dtype: bfloat16`` (bf16 master weights and Adam moments): the steps run, stay bf16, and the loss,
   log-probs and metrics (grad_norm included) are fp32. ``teacher_dtype: bfloat16`` under bf16 compute is
   bit-identical to an fp32-held teacher (its weights are cast to bf16 for every matmul either way); a
@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_shrink
 
 from jopd import models, sharding, steps
 from jopd.models import ModelConfig
@@ -246,15 +247,7 @@ def test_bf16_teacher_matches_fp32_held_teacher_under_bf16_compute():
 
 
 # ---- the tiny pipeline, fp32 vs bf16 --------------------------------------------------------------------
-SHRINK = [
-    "task.num_sft_prompts=32", "task.num_opd_prompts=16", "task.num_eval_prompts=8",
-    "teachers.A.pretrain_examples=128", "teachers.A.pretrain.steps=16", "teachers.A.pretrain.checkpoint_every=16",
-    "teacher_data.max_new_tokens=16", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
-    "teacher_data.batch_size=32", "rollout.batch_size=16", "rollout.rows_per_chunk=16",
-    "precompute.batch_size=16", "eval.batch_size=8",
-    "sft.steps=8", "sft.checkpoint_every=8", "sft.batch_size=8",
-    "opd.steps=2", "opd.checkpoint_every=2", "opd.eval_every=0", "opd.log_every=1",
-]
+SHRINK = tiny_shrink(teachers="A", eval_every=0)
 PIPELINE_BF16 = ["precision.compute_dtype=bfloat16", "precision.teacher_dtype=bfloat16"]
 
 

@@ -17,17 +17,23 @@ CFG = ModelConfig(model_type="qwen3", vocab_size=48, hidden_size=16, intermediat
 B, T = 8, 12
 
 
-def _batch(seed: int = 0) -> dict[str, np.ndarray]:
+def ragged_batch(vocab: int, seed: int = 0, b: int = B, t: int = T) -> dict[str, np.ndarray]:
+    """Random tokens ``[b, t]`` with ragged prompts / responses (row 3 without response tokens) and a teacher
+    whose log-probs are far from a random student's (non-zero advantages on every response token)."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)
-    response_mask = np.zeros((B, T), np.int32)
-    for i in range(B):  # ragged prompts / responses, one row without response tokens
+    tokens = rng.integers(1, vocab, (b, t)).astype(np.int32)
+    response_mask = np.zeros((b, t), np.int32)
+    for i in range(b):
         start = int(rng.integers(2, 5))
-        stop = start if i == 3 else int(rng.integers(start + 1, T + 1))
+        stop = start if i == 3 else int(rng.integers(start + 1, t + 1))
         response_mask[i, start:stop] = 1
         tokens[i, stop:] = 0
-    teacher = (-rng.random((B, T)) * 5 - 0.1).astype(np.float32) * response_mask
+    teacher = (-rng.random((b, t)) * 5 - 0.1).astype(np.float32) * response_mask
     return {"tokens": tokens, "response_mask": response_mask, "teacher_logprobs": teacher}
+
+
+def _batch(seed: int = 0) -> dict[str, np.ndarray]:
+    return ragged_batch(CFG.vocab_size, seed)
 
 
 def _single_mesh():

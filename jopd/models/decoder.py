@@ -113,7 +113,7 @@ def _scores(qg: Array, k: Array) -> Array:
     """q k^T ``[B, K, G, T, S]`` from qg ``[B, T, K, G, Dh]`` and k ``[B, S, K, Dh]``, accumulated (and returned) in
     fp32 or wider. The backward keeps both of its matmuls on compute-dtype operands: plain autodiff would run
     d q and d k on the fp32 scores cotangent, i.e. the attention's two largest backward matmuls in fp32 under
-    bf16 compute (as in :func:`jopd.models.logprobs._head_logits`)."""
+    bf16 compute (as in :func:`jopd.models.logprobs.head_logits`)."""
     return _scores_fwd(qg, k)[0]
 
 

@@ -8,6 +8,8 @@ memory of the head is ``B * C * V * 4`` bytes in both directions, whatever the s
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -49,30 +51,43 @@ def _contract(x: Array, y: Array, x_dim: int, y_dim: int, acc) -> Array:
     return jax.lax.dot_general(x, y, (((x_dim,), (y_dim,)), ((), ())), preferred_element_type=acc)
 
 
-@jax.custom_vjp
-def _head_logits(h: Array, w: Array) -> Array:
-    """Logits ``h [N, D] @ w [D, V]``: operands in ``h``'s (compute) dtype, float32 (or wider) accumulation and
-    output. The backward runs both of its matmuls on compute-dtype operands too: plain autodiff would upcast
-    them to the float32 logits cotangent, i.e. run the two largest backward matmuls in fp32 with an fp32 copy
-    of the kernel under bf16 compute. ``d w`` comes back in ``w``'s own dtype (fp32 master weights: the sum
-    over sequence chunks then accumulates in fp32), as in :mod:`jopd.models.fused_head`."""
-    return _head_logits_fwd(h, w)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_logits(h: Array, w: Array, vocab_major: bool = False) -> Array:
+    """Logits ``h [N, D] @ w`` (``w`` ``[D, V]``, or ``[V, D]`` with ``vocab_major``): operands in ``h``'s
+    (compute) dtype, float32 (or wider) accumulation and output. The backward runs both of its matmuls on
+    compute-dtype operands too: plain autodiff would upcast them to the float32 logits cotangent, i.e. run the
+    two largest backward matmuls in fp32 with an fp32 copy of the kernel under bf16 compute. ``d w`` comes back
+    in ``w``'s own layout and dtype (fp32 master weights: the sum over sequence chunks then accumulates in
+    fp32), as in :mod:`jopd.models.fused_head`."""
+    return _head_logits_fwd(h, w, vocab_major)[0]
 
 
-def _head_logits_fwd(h: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _contract(h, w.astype(h.dtype), 1, 0, jnp.promote_types(h.dtype, jnp.float32)), (h, w)
+def _head_logits_fwd(h: Array, w: Array, vocab_major: bool) -> tuple[Array, tuple[Array, Array]]:
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    return _contract(h, w.astype(h.dtype), 1, 1 if vocab_major else 0, acc), (h, w)
 
 
-def _head_logits_bwd(res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+def _head_logits_bwd(vocab_major: bool, res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
     h, w = res
     acc = jnp.promote_types(h.dtype, jnp.float32)
     ct = ct.astype(h.dtype)
-    dh = _contract(ct, w.astype(h.dtype), 1, 1, acc).astype(h.dtype)
-    dw = _contract(h, ct, 0, 0, acc).astype(w.dtype)
-    return dh, dw
+    wc = w.astype(h.dtype)
+    dh = _contract(ct, wc, 1, 0 if vocab_major else 1, acc).astype(h.dtype)
+    dw = _contract(ct, h, 0, 0, acc) if vocab_major else _contract(h, ct, 0, 0, acc)
+    return dh, dw.astype(w.dtype)
 
 
-_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
+def place_predictions(y: Array, n: int, valid: Array) -> Array:
+    """Chunked per-prediction values ``[n_chunks, B, c, ...]`` back to ``[B, T, ...]``: unchunked to the
+    ``n = T - 1`` predictions, shifted so that index t holds the prediction of token t (index 0 gets 0), and 0
+    wherever ``valid`` ``[B, T]`` is False."""
+    y = _unchunk(y, n)
+    y = jnp.concatenate([jnp.zeros((y.shape[0], 1) + y.shape[2:], y.dtype), y], axis=1)
+    keep = valid.reshape(valid.shape + (1,) * (y.ndim - 2))
+    return jnp.where(keep, y, jnp.zeros((), y.dtype))
 
 
 def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array, *, chunk: int = 256,
@@ -87,7 +102,6 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     Packed rows (``segment_ids`` ``[B, T]``): position t-1 predicts t only within one sequence, so a
     sequence's first token gets 0 like t = 0 of an unpacked row.
     """
-    b = tokens.shape[0]
     h_chunks, n = _chunked(hidden[:, :-1], chunk)
     tgt_chunks, _ = _chunked(tokens[:, 1:], chunk)
 
@@ -95,7 +109,7 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
     def body(_, inputs):
         h, tgt = inputs
         # One flattened 2-D matmul (see decoder.dense): much faster backward on XLA:CPU.
-        logits = _head_logits(h.reshape(-1, h.shape[-1]), w_out)
+        logits = head_logits(h.reshape(-1, h.shape[-1]), w_out)
         logits = logits.reshape(h.shape[:-1] + (w_out.shape[-1],))
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
@@ -106,12 +120,7 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
 
     _, out = jax.lax.scan(body, None, (h_chunks, tgt_chunks))
     valid = prediction_mask(mask, segment_ids)
-
-    def place(y):  # shift so that index t holds the prediction of token t
-        y = _unchunk(y, n)
-        y = jnp.concatenate([jnp.zeros((b, 1) + y.shape[2:], y.dtype), y], axis=1)
-        keep = valid.reshape(valid.shape + (1,) * (y.ndim - 2))
-        return jnp.where(keep, y, jnp.zeros((), y.dtype))
+    place = functools.partial(place_predictions, n=n, valid=valid)
 
     if topk:
         lp, ids, vals = out

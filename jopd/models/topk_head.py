@@ -27,41 +27,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jopd.models.logprobs import _chunked, _unchunk, prediction_mask
+from jopd.models.logprobs import _chunked, head_logits, place_predictions, prediction_mask
 
 Array = jax.Array
-
-
-def _contract(x: Array, y: Array, x_dim: int, y_dim: int, acc) -> Array:
-    """2-D matmul contracting ``x``'s axis ``x_dim`` with ``y``'s axis ``y_dim`` (no transposed copies)."""
-    return jax.lax.dot_general(x, y, (((x_dim,), (y_dim,)), ((), ())), preferred_element_type=acc)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits(h: Array, w: Array, vocab_major: bool) -> Array:
-    """``h [N, D] @ w`` (``w`` ``[D, V]``, or ``[V, D]`` with ``vocab_major``): operands in ``h``'s (compute)
-    dtype, float32 (or wider) accumulation and output. The backward runs its two matmuls on compute-dtype
-    operands too (plain autodiff would run them on the fp32 logits cotangent, with an fp32 copy of the kernel
-    under bf16 compute) and returns ``d w`` in ``w``'s own layout and dtype (no transposed copy)."""
-    return _logits_fwd(h, w, vocab_major)[0]
-
-
-def _logits_fwd(h: Array, w: Array, vocab_major: bool) -> tuple[Array, tuple[Array, Array]]:
-    acc = jnp.promote_types(h.dtype, jnp.float32)
-    return _contract(h, w.astype(h.dtype), 1, 1 if vocab_major else 0, acc), (h, w)
-
-
-def _logits_bwd(vocab_major: bool, res: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
-    h, w = res
-    acc = jnp.promote_types(h.dtype, jnp.float32)
-    ct = ct.astype(h.dtype)
-    wc = w.astype(h.dtype)
-    dh = _contract(ct, wc, 1, 0 if vocab_major else 1, acc).astype(h.dtype)
-    dw = _contract(ct, h, 0, 0, acc) if vocab_major else _contract(h, ct, 0, 0, acc)
-    return dh, dw.astype(w.dtype)
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def tail_logsumexp(logits: Array, ids: Array) -> Array:
@@ -101,7 +69,7 @@ def topk_student_logprobs(hidden: Array, w_out: Array, tokens: Array, mask: Arra
       and ``tail_lp[:, t] = log sum_{v not in topk_ids[:, t]} p(v | ...)`` (-inf when the ids cover the whole
       vocabulary) where token t has a prediction and ``mask`` is 1; 0 elsewhere (t = 0 always).
     """
-    b, _, d = hidden.shape
+    d = hidden.shape[-1]
     vocab = w_out.shape[0] if vocab_major else w_out.shape[-1]
     h_chunks, n = _chunked(hidden[:, :-1], chunk)
     tgt_chunks, _ = _chunked(tokens[:, 1:], chunk)
@@ -111,7 +79,7 @@ def topk_student_logprobs(hidden: Array, w_out: Array, tokens: Array, mask: Arra
     def body(_, xs):
         h, tgt, ids = xs
         # One flattened 2-D matmul (see decoder.dense): much faster on XLA:CPU.
-        logits = _logits(h.reshape(-1, d), w_out, vocab_major).reshape(h.shape[:-1] + (vocab,))
+        logits = head_logits(h.reshape(-1, d), w_out, vocab_major).reshape(h.shape[:-1] + (vocab,))
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
         topk_lp = jnp.take_along_axis(logits, ids, axis=-1) - lse[..., None]
@@ -120,12 +88,7 @@ def topk_student_logprobs(hidden: Array, w_out: Array, tokens: Array, mask: Arra
 
     _, out = jax.lax.scan(body, None, (h_chunks, tgt_chunks, ids_chunks))
     valid = prediction_mask(mask, segment_ids)
-
-    def place(y):  # shift so that index t holds the prediction of token t
-        y = _unchunk(y, n)
-        y = jnp.concatenate([jnp.zeros((b, 1) + y.shape[2:], y.dtype), y], axis=1)
-        keep = valid.reshape(valid.shape + (1,) * (y.ndim - 2))
-        return jnp.where(keep, y, jnp.zeros((), y.dtype))
+    place = functools.partial(place_predictions, n=n, valid=valid)
 
     lp, topk_lp, tail_lp = out
     return place(lp), place(topk_lp), place(tail_lp)
