@@ -67,6 +67,14 @@ def ppo_inputs(run: Run) -> dict[str, Any]:
     return {"ppo": {"ppo_epochs": opd.ppo_epochs, "mini_batches": opd.mini_batches}}
 
 
+def refresh_inputs(run: Run, arm_list: list[Any]) -> dict[str, Any]:
+    """What the train stage's inputs add for refresh schedules: ``{"refresh": {arm: N}}`` for the arms with
+    N > 0, else nothing (out of the sections' reprs too, so existing run directories keep their fingerprints).
+    The sampling and scoring settings a refresh uses are the rollout's and precompute's, already upstream."""
+    every = {a.name: a.refresh(run.cfg.opd) for a in arm_list if a.refresh(run.cfg.opd)}
+    return {"refresh": every} if every else {}
+
+
 def kl_teacher_name(run: Run) -> str:
     return run.cfg.eval.kl_teacher or run.cfg.sft_teacher
 

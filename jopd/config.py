@@ -438,6 +438,13 @@ class OPDSection(TrainLoop):
     mini_batches: int = doc(
         "Mini-batches (optimizer updates) per PPO epoch; must divide the batch's rows (batch_size, or packed "
         "rows token_budget // row_len), and micro_batch_size must divide a mini-batch's rows.", 1, repr=False)
+    refresh_every: int = doc(
+        "Refresh schedule of the lightning arms (an arm's own `refresh_every` replaces it): every N optimizer "
+        "steps the CURRENT student re-samples rollouts (the `rollout` sampling settings, one per prompt, "
+        "N * batch_size rows: the OPD prompts online steps sN+1 .. (s+1)N would take) and its teacher re-scores "
+        "them, into a new store generation (arms/NAME/generations/GGGG/store, written, resumed and verified "
+        "like the first). 0 = Lightning OPD (the fixed rollouts throughout); 1 = online OPD through stores. "
+        "Steps 1 .. N train on the precomputed store (generation 0).", 0, repr=False)
 
     def ppo_updates(self) -> int:
         """Optimizer updates per rollout batch."""
@@ -473,6 +480,7 @@ class OPDSection(TrainLoop):
                 + _positive(f"{where}.eps_low", self.eps_low, allow_zero=True)
                 + _positive(f"{where}.eps_high", self.eps_high, allow_zero=True)
                 + _positive(f"{where}.kl_coef", self.kl_coef, allow_zero=True)
+                + _positive(f"{where}.refresh_every", self.refresh_every, allow_zero=True)
                 + ([] if self.tis_cap is None else _positive(f"{where}.tis_cap", self.tis_cap)))
 
 
@@ -490,6 +498,15 @@ class ArmSection:
         "This arm's objectives, replacing opd.loss_weights (all four weights; omitted ones take their defaults); "
         "null = opd.loss_weights.", None, repr=False)
     jsd_beta: float | None = doc("This arm's JSD beta; null = opd.jsd_beta.", None, repr=False)
+    refresh_every: int | None = doc("This lightning arm's refresh schedule (see opd.refresh_every); null = "
+                                    "opd.refresh_every.", None, repr=False)
+
+    def refresh(self, opd: OPDSection) -> int:
+        """Steps between refreshes of this arm's rollouts (0: never; online arms are not refreshed: they sample
+        every step by construction)."""
+        if self.mode != "lightning":
+            return 0
+        return self.refresh_every if self.refresh_every is not None else opd.refresh_every
 
     def objective(self, opd: OPDSection) -> tuple[LossWeightsSection, float]:
         """The arm's effective (loss_weights, jsd_beta): its own, else opd's."""
@@ -813,6 +830,12 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
             errors += a.loss_weights.problems(f"arms[{i}].loss_weights")
         if a.jsd_beta is not None:
             errors += _jsd_beta_problems(f"arms[{i}].jsd_beta", a.jsd_beta)
+        if a.refresh_every is not None:
+            errors += _positive(f"arms[{i}].refresh_every", a.refresh_every, allow_zero=True)
+            if a.mode != "lightning" and a.refresh_every:
+                errors.append(f"arms[{i}].refresh_every: a refresh schedule is for lightning arms; an online arm "
+                              f"({a.name}) samples fresh rollouts every step already (use mode: lightning with "
+                              "refresh_every: 1 for online OPD through stores)")
         weights, _ = a.objective(cfg.opd)
         if weights.uses_topk:
             where = f"arms[{i}] ({a.name}): top-k objectives (loss_weights.topk_*)"

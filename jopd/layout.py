@@ -14,7 +14,7 @@ out. Nothing here touches the disk.
             sft/       store/ (the SFT rows as a RolloutStore)  ckpt/  model/  meta.json
             rollout/   store/
             precompute/NAME/store/
-            arms/NAME/ ckpt/  model/  meta.json
+            arms/NAME/ ckpt/  model/  meta.json  generations/GGGG/store (refresh schedule)
             eval/      results.json
             export/    (HF directory)  export_check.json
 """
@@ -171,6 +171,10 @@ class RunLayout:
 
     def arm_meta(self, name: str) -> Path:
         return self.arm(name) / "meta.json"
+
+    def arm_generation(self, name: str, generation: int) -> Path:
+        """The store of refresh generation ``generation`` (>= 1) of arm ``name``."""
+        return self.arm(name) / "generations" / f"{generation:04d}" / "store"
 
     # eval / export
     @property

@@ -232,6 +232,17 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
     return dataclasses.replace(student, params=final.train_state.params), final
 
 
+def prompt_stream(num_prompts: int, seed: int, start: int, count: int) -> list[int]:
+    """Prompt indices at positions ``start .. start + count`` of the OPD prompt stream: the prompts in a fresh
+    seeded permutation per pass, passes one after another. Online step s takes positions ``(s - 1) B .. s B``;
+    refresh generation g takes those of the online steps it serves, ``g N B .. (g + 1) N B``."""
+    positions = np.arange(start, start + count)
+    epochs, within = np.divmod(positions, num_prompts)
+    # One permutation per pass the range touches (usually one), not one per prompt.
+    perms = {int(e): np.random.default_rng([seed, int(e), 0x0B5]).permutation(num_prompts) for e in np.unique(epochs)}
+    return [int(perms[int(e)][j]) for e, j in zip(epochs, within)]
+
+
 def sample_seed(seed: int, step: int) -> int:
     """The sampling seed of online step ``step``: a hash of (seed, step), so steps draw independent samples."""
     return int(np.random.SeedSequence([seed, step, 0x0B5]).generate_state(1)[0] % (2**31 - 1))
@@ -263,12 +274,7 @@ class OnlineBatches(looplib.Hook):
 
     def prompt_indices(self, step: int) -> list[int]:
         """Indices of the prompts of step ``step`` (1-based)."""
-        n = len(self.prompts)
-        positions = np.arange((step - 1) * self.batch_size, step * self.batch_size)
-        epochs, within = np.divmod(positions, n)
-        # One permutation per pass the batch touches (usually one), not one per prompt.
-        perms = {int(e): np.random.default_rng([self.seed, int(e), 0x0B5]).permutation(n) for e in np.unique(epochs)}
-        return [int(perms[int(e)][j]) for e, j in zip(epochs, within)]
+        return prompt_stream(len(self.prompts), self.seed, (step - 1) * self.batch_size, self.batch_size)
 
     def describe(self, step: int) -> str:
         return f"opd prompt indices {self.prompt_indices(step)}"
@@ -292,3 +298,60 @@ class OnlineBatches(looplib.Hook):
         return process_rows({"tokens": seqs["tokens"], "response_mask": response,
                              "teacher_logprobs": np.where(response > 0, teacher_lp, np.float32(0)),
                              "behaviour_logprobs": seqs["behaviour_logprobs"]})
+
+
+class RefreshBatches(looplib.Hook):
+    """The batches of a Lightning arm with a refresh schedule every ``every`` (N) steps. Pass it to :func:`opd`
+    as the batches and as a hook (it reads the loop's current step and params).
+
+    Steps 1 .. N come from ``first`` (generation 0: the precomputed store). Generation g >= 1 serves steps
+    g N + 1 .. (g + 1) N: before step g N + 1, ``make_generation(g, loop)`` samples it with the student of
+    step g N (``loop.train_state.params``) and scores it, returning ``(store path, {phase: seconds})``, and
+    ``open_batches(path, g)`` gives its :class:`StoreBatches` (N steps). A run resumed inside generation g
+    reopens the generation (complete: it is only verified) and skips the batches already trained on, so batch
+    s depends only on s. ``last_phases``: the seconds of the refresh made before the last batch (``refresh_gen_s``,
+    ``refresh_score_s``), empty on the other steps.
+    """
+
+    def __init__(self, first: StoreBatches, *, every: int,
+                 make_generation: Callable[[int, looplib.LoopState], tuple[Path, Mapping[str, float]]],
+                 open_batches: Callable[[Path, int], StoreBatches]):
+        if every < 1:
+            raise ValueError(f"RefreshBatches: every must be >= 1, got {every}")
+        self.first, self.every = first, every
+        self.make_generation, self.open_batches = make_generation, open_batches
+        self.data_iterator = first.data_iterator  # generation 0's position is what checkpoints keep
+        self.last_phases: dict[str, float] = {}
+        self._loop: looplib.LoopState | None = None
+        self._generation, self._batches, self._path = 0, first, None
+
+    def on_start(self, loop: looplib.LoopState) -> None:
+        self._loop = loop
+
+    def generation_of(self, step: int) -> int:
+        """The generation whose rows step ``step`` (1-based) trains on."""
+        return (step - 1) // self.every
+
+    def describe(self, step: int) -> str:
+        g = self.generation_of(step)
+        if g == 0:
+            return f"generation 0: {self.first.describe(step)}"
+        if g != self._generation:  # only the generation being trained on is open
+            return f"generation {g}, batch {step - g * self.every} of {self.every}"
+        return f"generation {g} ({self._path}): {self._batches.describe(step - g * self.every)}"
+
+    def __iter__(self) -> RefreshBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        step = self._loop.step + 1
+        g = self.generation_of(step)
+        self.last_phases = {}
+        if g != self._generation:
+            path, phases = self.make_generation(g, self._loop)
+            self.last_phases = {f"refresh_{k}": float(v) for k, v in phases.items()}
+            self._generation, self._path = g, path
+            self._batches = self.open_batches(path, g)
+            for _ in range(step - 1 - g * self.every):  # resumed inside the generation
+                next(self._batches)
+        return next(self._batches)

@@ -90,6 +90,7 @@ class ArmInfo:
     phases: dict[str, float | None]
     eval_rows: list[dict[str, Any]]
     final: dict[str, Any] | None  # eval/results.json entry
+    refresh: dict[str, Any] | None = None  # meta.json's refresh-schedule record (refresh_every > 0)
 
 
 def steady_steps(step_rows: list[dict[str, Any]], factor: float = COMPILE_OUTLIER_FACTOR
@@ -138,7 +139,8 @@ def gather_arm(layout: RunLayout, arm: ArmSection, results: dict[str, Any]) -> A
                    trained=(layout.arm_model(arm.name) / "config.json").is_file(), wall_s=wall,
                    tokens=tokens, steps=steps, step_s=step_s, phases=phases,
                    eval_rows=sorted(eval_rows, key=lambda r: r.get("step", 0)),
-                   final=results.get(f"arm:{arm.name}"))
+                   final=results.get(f"arm:{arm.name}"),
+                   refresh=meta.get("refresh") if isinstance(meta.get("refresh"), dict) else None)
 
 
 def final_metric(arm: ArmInfo, key: str) -> float | None:

@@ -172,12 +172,30 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
         res = a.final
         if res is None and a.eval_rows:
             res = {"accuracy": final_metric(a, "accuracy"), "reverse_kl": final_metric(a, "reverse_kl")}
-        lines.append(row(f"arm {a.name}", f"{a.mode} OPD", a.teacher, cons, res, a.wall_s, a.tokens,
+        kind = f"lightning OPD, refresh every {a.refresh['every']}" if a.refresh else f"{a.mode} OPD"
+        lines.append(row(f"arm {a.name}", kind, a.teacher, cons, res, a.wall_s, a.tokens,
                          missing="not evaluated" if a.trained else "not trained"))
     if not any(a.mode == "online" for a in cfg.arms):
         lines += ["", "_No online OPD arm is configured: there is no online baseline to compare against._"]
     if not any(a.mode == "lightning" for a in cfg.arms):
         lines += ["", "_No Lightning OPD arm is configured._"]
+
+    refreshed = [a for a in arms if a.refresh]
+    if refreshed:
+        lines += ["", "## Refresh schedule: one-off and per-refresh costs", "",
+                  "Generation 0 is the one-off rollout + precompute (rows above); every refresh re-samples "
+                  "N x batch_size rollouts with the arm's current student and re-scores them with its teacher. "
+                  "The arm's wall s includes its refreshes.", "",
+                  "| arm | every N steps | refreshes | generate s | score s | per refresh s | tokens generated | "
+                  "teacher consistent (all generations) |", "|---|---|---|---|---|---|---|---|"]
+        for a in refreshed:
+            r = a.refresh
+            n = r.get("generations") or 0
+            per = (r["gen_s"] + r["score_s"]) / n if n else None
+            lines.append(f"| {a.name} | {r['every']} | {n} | {_fmt(r.get('gen_s'), '.1f')} | "
+                         f"{_fmt(r.get('score_s'), '.1f')} | {_fmt(per, '.2f')} | "
+                         f"{_fmt(r.get('tokens_generated'), ',.0f')} | "
+                         f"{'yes' if r.get('consistent_teacher') else '**no**'} |")
 
     # --- speed-ups -----------------------------------------------------------------------------------
     lines += ["", "## Lightning OPD vs online OPD (same teacher)", ""]

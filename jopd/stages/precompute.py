@@ -17,7 +17,6 @@ scoring is collective, so every process walks all pending chunks and only the ow
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -27,11 +26,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jopd import sharding
 from jopd.data import tokenizer as toklib
-from jopd.data.loader import SEQ_LEN_BUCKET
 from jopd.data.store import RolloutStore, StoreError
-from jopd.models import Model, logprobs_and_topk_fn, token_logprobs
 from jopd.pipeline import (
     Run,
     StageError,
@@ -41,6 +37,7 @@ from jopd.pipeline import (
     open_or_create_store,
     store_fingerprint,
 )
+from jopd.rollouts import score_chunk, scoring_shape
 
 log = logging.getLogger("jopd")
 
@@ -70,22 +67,6 @@ def _size(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n} B"  # pragma: no cover
-
-
-@functools.lru_cache(maxsize=8)
-def _topk_scorer(config: Any, mesh: Any, topk: int):
-    return sharding.bind_mesh(jax.jit(lambda p, t, m: logprobs_and_topk_fn(p, config, t, m, topk)), mesh)
-
-
-def teacher_scores(model: Model, tokens: np.ndarray, mask: np.ndarray, topk: int):
-    """Host arrays (log-probs [B, T], top-k ids [B, T, k] | None, top-k log-probs | None) of ``model``."""
-    if topk == 0:
-        return sharding.to_host(token_logprobs(model, tokens, mask)), None, None
-    fn = _topk_scorer(model.config, model.mesh, topk)
-    if model.mesh is not None:
-        sh = sharding.batch_sharding(model.mesh, 2, tokens.shape[0])
-        tokens, mask = jax.device_put(tokens, sh), jax.device_put(mask, sh)
-    return sharding.to_host(fn(model.params, tokens, mask))
 
 
 def inputs(run: Run) -> dict[str, Any]:
@@ -136,50 +117,24 @@ def _score(run: Run, name: str, src: RolloutStore, src_fp: str) -> dict[str, Any
     pending = store.pending_chunks("teacher")
     mine = set(store.pending_chunks("teacher", process_index=pid, process_count=nproc))
     barrier(f"precompute-{name}-pending")
-    length = sharding.round_up(max(store.max_row_len(), 2), SEQ_LEN_BUCKET)  # static across chunks and resumes
-    read_len = min(length, store.max_len)
-    batch = sharding.round_up(pc.batch_size, 1 if run.mesh is None else sharding.batch_parallelism(run.mesh))
+    shape = scoring_shape(store, pc.batch_size, run.mesh)  # static across chunks and resumes
     t0, scored = time.time(), 0
     if pending:
         model = run.load_teacher(name)
         t0 = time.time()  # throughput excludes loading (compilation stays in: it is part of the real cost)
-        log.info("precompute: teacher %s scores %d chunks ([%d, %d] batches, topk %d)", name, len(pending), batch,
-                 length, pc.topk)
+        log.info("precompute: teacher %s scores %d chunks ([%d, %d] batches, topk %d)", name, len(pending),
+                 shape.batch, shape.length, pc.topk)
         bar = tqdm(total=sum(hi - lo for lo, hi in map(store.chunk_rows, pending)), desc=f"precompute {name}",
                    unit="row", disable=not run.is_main)
         for c in pending:
-            lo, hi = store.chunk_rows(c)
-            data = store.read_rows(range(lo, hi), ["tokens", "prompt_len", "response_len", "response_mask"],
-                                   seq_len=read_len)
-            if int(data["tokens"].max()) >= model.config.vocab_size:
-                raise StageError(f"precompute: rows {lo}:{hi} hold token id {int(data['tokens'].max())} >= teacher "
-                                 f"{name!r} vocab_size {model.config.vocab_size}")
-            n, k = hi - lo, pc.topk
-            lp = np.zeros((n, store.max_len), np.float32)
-            ids = np.zeros((n, store.max_len, k), np.int32) if k else None
-            vals = np.zeros((n, store.max_len, k), np.float32) if k else None
-            real = np.arange(read_len)[None, :] < (data["prompt_len"] + data["response_len"])[:, None]
-            for b0 in range(0, n, batch):
-                m = min(batch, n - b0)
-                tokens = np.zeros((batch, length), np.int32)
-                mask = np.zeros((batch, length), np.int32)
-                tokens[:m, :read_len] = data["tokens"][b0:b0 + m]
-                mask[:m, :read_len] = real[b0:b0 + m]
-                out_lp, out_ids, out_vals = teacher_scores(model, tokens, mask, k)
-                lp[b0:b0 + m, :read_len] = out_lp[:m, :read_len]
-                if k:
-                    ids[b0:b0 + m, :read_len] = out_ids[:m, :read_len]
-                    vals[b0:b0 + m, :read_len] = out_vals[:m, :read_len]
-            # Only response positions are stored (the prompt's log-probs are not needed and 0 is canonical).
-            resp = np.zeros((n, store.max_len), bool)
-            resp[:, :read_len] = data["response_mask"].astype(bool)
-            lp = np.where(resp, lp, np.float32(0))
-            if k:
-                ids, vals = np.where(resp[..., None], ids, 0), np.where(resp[..., None], vals, np.float32(0))
+            try:
+                lp, ids, vals, n = score_chunk(model, store, c, shape, pc.topk, what=f"teacher {name!r}")
+            except ValueError as e:
+                raise StageError(f"precompute: {e}") from e
             if c in mine:
                 store.write_teacher_chunk(c, lp, ids, vals)
-            scored += int(resp.sum())
-            bar.update(n)
+            scored += n
+            bar.update(len(range(*store.chunk_rows(c))))
         bar.close()
         del model
     seconds = time.time() - t0
@@ -198,7 +153,7 @@ def _score(run: Run, name: str, src: RolloutStore, src_fp: str) -> dict[str, Any
     summary = {"store": str(path), "teacher_fingerprint": attrs["teacher_fingerprint"], "rows": store.num_rows,
                "response_tokens": total, "tokens_scored_this_run": scored,
                "tokens_per_s": float(scored / seconds) if scored and seconds > 0 else None, "seconds": seconds,
-               "mean_teacher_logprob": lp_sum / total if total else None, "scored_length": length,
+               "mean_teacher_logprob": lp_sum / total if total else None, "scored_length": shape.length,
                "chunks_verified": counts, "storage": storage_cost(store, total)}
     log.info("precompute: teacher %s: %d response tokens, mean log-prob %.4f", name, total,
              summary["mean_teacher_logprob"] or float("nan"))

@@ -37,7 +37,7 @@ from jopd.pipeline import (
     open_or_create_store,
     sft_teacher,
 )
-from jopd.sampling import generate, sequences
+from jopd.rollouts import sample_chunk
 
 log = logging.getLogger("jopd")
 
@@ -86,19 +86,11 @@ def execute(run: Run) -> dict[str, Any]:
         for c in pending:
             rows = np.arange(*store.chunk_rows(c))
             p_idx, s_idx = rows // spp, rows % spp
-            prompt_ids = [prompts[i]["prompt_ids"] for i in p_idx]
-            res = generate(model, prompt_ids, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                           top_p=r.top_p, top_k=r.top_k, eos_token_id=stops, seed=derive_seed(r.seed, c),
-                           batch_size=r.batch_size)
-            seqs = sequences(prompt_ids, res, max_len)
+            chunk = sample_chunk(model, [prompts[i]["prompt_ids"] for i in p_idx], sampling=r, stop_ids=stops,
+                                 seed=derive_seed(r.seed, c), max_len=max_len, prompt_index=p_idx, sample_index=s_idx)
             if c in mine:
-                # generate stops only at a stop id or at max_new_tokens: a row without EOS was truncated.
-                store.write_rollout_chunk(c, tokens=seqs["tokens"], prompt_len=seqs["prompt_len"],
-                                          response_len=seqs["response_len"],
-                                          behaviour_logprobs=seqs["behaviour_logprobs"],
-                                          ended_with_eos=res.ended_with_eos, truncated=~res.ended_with_eos,
-                                          prompt_index=p_idx.astype(np.int32), sample_index=s_idx.astype(np.int32))
-            new_tokens += int(res.lengths.sum())
+                store.write_rollout_chunk(c, **chunk)
+            new_tokens += int(chunk["response_len"].sum())
             bar.update(len(rows))
         bar.close()
         del model

@@ -6,7 +6,10 @@ SHA-256 of every chunk), its teacher checked against the SFT-data teacher (teach
 the arm allows the ablation, then recorded), and ``jopd.training.opd`` runs the fused OPD step on the store's
 batches (padded, or packed with ``opd.token_budget``). Resumes from the arm's checkpoint, loader position
 included; complete arms are skipped (see jopd.arms). An arm with top-k objectives (``loss_weights.topk_*``)
-also reads the store's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (docs/topk-objectives.md).
+also reads the store's ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (docs/topk-objectives.md). An arm with
+a refresh schedule (``refresh_every`` N > 0) trains steps 1..N on that store and every later N steps on a new
+generation its current student samples and its teacher scores (jopd.rollouts.refreshing_batches); meta.json
+records each generation's cost and teacher consistency (``refresh``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from jopd.data.loader import TOPK_FIELDS
 from jopd.data.store import RolloutStore, StoreError
 from jopd.models import ModelConfig
 from jopd.pipeline import Run, StageError, check_teacher_consistency
+from jopd.rollouts import refresh_summary, refreshing_batches
 from jopd.training import OPD_FIELDS, opd, store_batches
 
 log = logging.getLogger("jopd")
@@ -61,7 +65,7 @@ def inputs(run: Run) -> dict[str, Any]:
         return {"arms": []}
     return {"opd": run.cfg.opd, "arms": lightning, "seed": run.cfg.seed, "precision": run.cfg.precision,
             "sft": run.upstream("sft"), "precompute": run.upstream("precompute"),
-            **arms.objective_inputs(run, lightning), **arms.ppo_inputs(run)}
+            **arms.objective_inputs(run, lightning), **arms.ppo_inputs(run), **arms.refresh_inputs(run, lightning)}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -85,9 +89,17 @@ def execute(run: Run) -> dict[str, Any]:
         except ValueError as e:  # e.g. fewer rows than one batch
             raise StageError(f"arm {arm.name!r}: cannot batch {layout.teacher_store(arm.teacher)}: {e}") from e
         student = run.load_model(layout.sft_model)
-        model, loop = opd(student, data, opd=cfg.opd, rows=data.rows, packed=data.packed,
+        batches, extra_hooks, phases = data, [], None
+        if arm.refresh(cfg.opd):
+            batches = refreshing_batches(run, arm, data, student=student, teacher=lambda a=arm: teachers[a.teacher],
+                                         fields=fields)
+            extra_hooks, phases = [batches], (lambda b=batches: b.last_phases)
+        model, loop = opd(student, batches, opd=cfg.opd, rows=data.rows, packed=data.packed,
                           ckpt_dir=layout.arm_ckpt(arm.name), data_iterator=data.data_iterator,
-                          describe_batch=data.describe, evaluate=evaluate, logger=arms.arm_logger(run, arm),
-                          name=f"arm {arm.name!r}", hooks=run.hooks, arm=arm, seed=cfg.seed)
+                          describe_batch=batches.describe, batch_phases=phases, evaluate=evaluate,
+                          logger=arms.arm_logger(run, arm), name=f"arm {arm.name!r}",
+                          hooks=[*extra_hooks, *run.hooks], arm=arm, seed=cfg.seed)
+        if arm.refresh(cfg.opd):
+            info = {**info, "refresh": refresh_summary(run, arm)}
         out[arm.name] = arms.finish_arm(run, arm, model, loop, info)
     return {"arms": out}
