@@ -51,6 +51,17 @@ log = logging.getLogger("jopd")
 
 
 # ------------------------------------------------------------------------------------------------ sampling
+def sampling_record(rollout: Any, samples_per_prompt: int) -> dict[str, Any]:
+    """The sampling settings a store's attrs (and the rollout stage's inputs) record."""
+    return {"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
+            "max_new_tokens": rollout.max_new_tokens, "seed": rollout.seed, "samples_per_prompt": samples_per_prompt}
+
+
+def row_length(prompts: Sequence[dict[str, Any]], max_new_tokens: int) -> int:
+    """A store's row length ``max_len``: the longest prompt plus a full-length response."""
+    return max(len(p["prompt_ids"]) for p in prompts) + max_new_tokens
+
+
 def sample_chunk(model: Model, prompt_ids: Sequence[Sequence[int]], *, sampling: Any, stop_ids: Sequence[int],
                  seed: int, max_len: int, prompt_index: np.ndarray, sample_index: np.ndarray) -> dict[str, np.ndarray]:
     """The rows of one store chunk sampled by ``model``: ``write_rollout_chunk``'s keyword arguments.
@@ -199,7 +210,7 @@ def write_generation(run: Run, path: Path, *, student: Model, teacher: Model, te
     cost.score_s = time.perf_counter() - t0
     barrier(f"{path}-scored")
     try:
-        RolloutStore.open(path).verify()
+        store.verify()
     except StoreError as e:
         raise StageError(f"refresh: the generation store {path} failed verification: {e}; delete it to redo "
                          "the generation") from e
@@ -232,11 +243,9 @@ def refreshing_batches(run: Run, arm: Any, first: StoreBatches, *, student: Mode
     every, batch, topk = arm.refresh(cfg.opd), cfg.opd.batch_size, cfg.precompute.topk if any(
         f.startswith("teacher_topk") for f in fields) else 0
     prompts = read_jsonl(layout.prompts("opd"))
-    max_len = max(len(p["prompt_ids"]) for p in prompts) + cfg.rollout.max_new_tokens
-    stops = list(toklib.stop_ids(run.tokenizer, ModelConfig.from_pretrained(layout.sft_model)))
     r = cfg.rollout
-    sampling = {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens,
-                "seed": r.seed, "samples_per_prompt": 1}
+    max_len, sampling = row_length(prompts, r.max_new_tokens), sampling_record(r, samples_per_prompt=1)
+    stops = list(toklib.stop_ids(run.tokenizer, ModelConfig.from_pretrained(layout.sft_model)))
 
     def make_generation(g: int, loop: Any) -> tuple[Path, dict[str, float]]:
         path = layout.arm_generation(arm.name, g)

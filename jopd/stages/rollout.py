@@ -37,15 +37,13 @@ from jopd.pipeline import (
     open_or_create_store,
     sft_teacher,
 )
-from jopd.rollouts import sample_chunk
+from jopd.rollouts import row_length, sample_chunk, sampling_record
 
 log = logging.getLogger("jopd")
 
 
 def _sampling(run: Run) -> dict[str, Any]:
-    r = run.cfg.rollout
-    return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens,
-            "seed": r.seed, "samples_per_prompt": r.samples_per_prompt}
+    return sampling_record(run.cfg.rollout, run.cfg.rollout.samples_per_prompt)
 
 
 def inputs(run: Run) -> dict[str, Any]:
@@ -64,7 +62,7 @@ def execute(run: Run) -> dict[str, Any]:
         raise StageError(f"{layout.prompts('opd')} has no prompts")
     spp = r.samples_per_prompt
     num_rows = len(prompts) * spp
-    max_len = max(len(p["prompt_ids"]) for p in prompts) + r.max_new_tokens
+    max_len = row_length(prompts, r.max_new_tokens)
     # The config alone gives the stop ids; the weights are loaded only if there is something to generate.
     stops = toklib.stop_ids(tok, ModelConfig.from_pretrained(layout.sft_model))
     attrs = {"kind": "rollout", "policy_path": layout.relative(layout.sft_model),
