@@ -118,7 +118,7 @@ def test_memory_estimate_matches_model_param_count() -> None:
 
 def test_sft_difficulty_applies_to_the_sft_prompts_only():
     from jopd.config import ConfigValidationError
-    from jopd.stages.prepare import load_problems
+    from jopd.data.splits import load_problems
 
     arch = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
             "num_kv_heads": 1, "head_dim": 16}
@@ -140,8 +140,8 @@ def test_separate_sft_and_opd_prompt_files(tmp_path):
     import json
 
     from jopd.config import ConfigValidationError
-    from jopd.pipeline import StageError
-    from jopd.stages.prepare import load_problems
+    from jopd.data.prompt_files import PromptFileError
+    from jopd.data.splits import load_problems
 
     def write(name, prompts):
         path = tmp_path / name
@@ -177,7 +177,7 @@ def test_separate_sft_and_opd_prompt_files(tmp_path):
     with pytest.raises(ConfigValidationError, match=r"task\.prompt_file: required when task\.kind is prompt_file "
                        r"and task\.opd_prompt_file is not set"):
         load_config(data={**base, "task": {**task, "opd_prompt_file": None}}, check_files=False)
-    with pytest.raises(StageError, match=r"task\.opd_prompt_file .*opd\.jsonl: no OPD prompts left"):
+    with pytest.raises(PromptFileError, match=r"task\.opd_prompt_file .*opd\.jsonl: no OPD prompts left"):
         load_problems(load_config(data={**base, "task": {**task, "eval_prompt_file": opd_file,
                                                                   "num_eval_prompts": 100}}, check_files=False))
 
