@@ -21,6 +21,7 @@ from jopd.evaluation import evaluate_policy
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.loop import LoopState, MetricsLogger
 from jopd.models import Model, save_pretrained
+from jopd.multi_teacher import evaluate_routes, kl_teacher_names, prompt_routes
 from jopd.pipeline import Run, barrier, sft_teacher
 
 log = logging.getLogger("jopd")
@@ -80,16 +81,31 @@ def kl_teacher_name(run: Run) -> str:
 
 
 def periodic_evaluator(run: Run, teachers: Teachers) -> Callable[[Model], dict[str, float]]:
-    """``model -> {accuracy, reverse_kl, ...}`` on the held-out prompts with the eval settings."""
+    """``model -> {accuracy, reverse_kl, ...}`` on the held-out prompts with the eval settings. Multi-teacher
+    runs: each route's prompts against the route's teacher (jopd.multi_teacher.evaluate_routes), the overall
+    metrics plus ``routes/ROUTE/accuracy``, ``routes/ROUTE/reverse_kl``, ... per route."""
     cfg = run.cfg.eval
     prompts = read_jsonl(run.layout.prompts("eval"))
+    routed = run.cfg.routing.enabled
+    routes = prompt_routes(prompts, run.cfg, str(run.layout.prompts("eval"))) if routed else []
 
     def evaluate(model: Model) -> dict[str, float]:
-        res = evaluate_policy(model, prompts, run.tokenizer, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, top_p=cfg.top_p, samples_per_prompt=cfg.samples_per_prompt,
-                              batch_size=cfg.batch_size, seed=run.cfg.seed, kl_teacher=teachers[kl_teacher_name(run)],
-                              kl_samples=cfg.kl_samples)
-        return {k: float(v) for k, v in res.items() if isinstance(v, int | float | np.number)}
+        def on(rows: Any, teacher: Model) -> dict[str, Any]:
+            return evaluate_policy(model, rows, run.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, top_p=cfg.top_p,
+                                   samples_per_prompt=cfg.samples_per_prompt, batch_size=cfg.batch_size,
+                                   seed=run.cfg.seed, kl_teacher=teacher, kl_samples=cfg.kl_samples)
+
+        if not routed:
+            res = on(prompts, teachers[kl_teacher_name(run)])
+            return {k: float(v) for k, v in res.items() if isinstance(v, int | float | np.number)}
+        res = evaluate_routes(on, prompts, routes,
+                              {r: teachers[t] for r, t in kl_teacher_names(run.cfg).items()})
+        out = {k: float(v) for k, v in res.items() if isinstance(v, int | float | np.number)}
+        for route, r in res["per_route"].items():
+            out.update({f"routes/{route}/{k}": float(v) for k, v in r.items()
+                        if isinstance(v, int | float | np.number)})
+        return out
 
     return evaluate
 

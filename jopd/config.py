@@ -166,6 +166,40 @@ class TaskSection:
 
 
 @dataclass
+class RoutingSection:
+    """Multi-teacher OPD (docs/multi-teacher.md): every prompt carries a route, the value of one of its fields, and
+    each route has its teacher, which writes the SFT data of the route's prompts, scores their rollouts and is
+    distilled on them."""
+
+    field: str | None = doc(
+        "The prompt field whose value is each prompt's route. Prompt files: a field of every row (a dotted path "
+        "into nested objects allowed, e.g. `teacher`, `domain`, `data_source`, `extra_info.subject`; a string or "
+        "integer). The arithmetic task: `level` (the difficulty level 1..3 the problem was drawn from), `kind` "
+        "(`expr` or `word`) or `num_ops` (1..3). null = no routing: `sft_teacher` writes every SFT response and "
+        "each arm has one `teacher`.", None)
+    teachers: dict[str, str] = doc(
+        "Route value -> teacher: the teacher that writes the SFT data of the route's prompts (the consistent "
+        "teacher of that route), and the teacher every arm without its own `teachers` distils the route's "
+        "prompts from. Every route value found in the prompts must be listed, and every listed route must have "
+        "SFT, OPD and eval prompts.", default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.field is not None
+
+    def problems(self, where: str) -> list[str]:
+        """Own fields only; `validate` checks the teacher names and the task's fields."""
+        if self.field is None:
+            return [f"{where}.teachers: routes need {where}.field (the prompt field that holds each prompt's "
+                    "route)"] if self.teachers else []
+        errors = [] if self.field.strip() else [f"{where}.field: must name a prompt field, got {self.field!r}"]
+        if not self.teachers:
+            errors.append(f"{where}.teachers: must map at least one route value of {where}.field "
+                          f"{self.field!r} to a teacher")
+        return errors
+
+
+@dataclass
 class ArchSection:
     """A decoder built from scratch (teachers and students in the demo); vocab comes from the tokenizer."""
 
@@ -500,6 +534,12 @@ class ArmSection:
     jsd_beta: float | None = doc("This arm's JSD beta; null = opd.jsd_beta.", None, repr=False)
     refresh_every: int | None = doc("This lightning arm's refresh schedule (see opd.refresh_every); null = "
                                     "opd.refresh_every.", None, repr=False)
+    # Out of the repr too: the stages record an arm's routes only when routing is on (jopd.multi_teacher).
+    teachers: dict[str, str] | None = doc(
+        "Multi-teacher runs (routing.field set): this arm's route -> teacher map, replacing routing.teachers (the "
+        "same routes); `teacher` is then unused. A route whose teacher is not the one that wrote its SFT data is "
+        "the inconsistent-teacher ablation (needs allow_inconsistent_teacher). null = routing.teachers.", None,
+        repr=False)
 
     def refresh(self, opd: OPDSection) -> int:
         """Steps between refreshes of this arm's rollouts (0: never; online arms are not refreshed: they sample
@@ -507,6 +547,12 @@ class ArmSection:
         if self.mode != "lightning":
             return 0
         return self.refresh_every if self.refresh_every is not None else opd.refresh_every
+
+    def routes(self, routing: RoutingSection) -> dict[str, str]:
+        """This arm's route -> teacher map ({} without routing)."""
+        if not routing.enabled:
+            return {}
+        return dict(self.teachers if self.teachers is not None else routing.teachers)
 
     def objective(self, opd: OPDSection) -> tuple[LossWeightsSection, float]:
         """The arm's effective (loss_weights, jsd_beta): its own, else opd's."""
@@ -594,13 +640,16 @@ class Config:
     task: TaskSection = doc("Prompts and answer checking.", default_factory=TaskSection)
     teachers: dict[str, TeacherSection] = doc("Teachers by name.", default_factory=dict)
     student: StudentSection = doc("The base student.", default_factory=StudentSection)
-    sft_teacher: str = doc("The teacher that writes the SFT data (the consistent teacher).", "A")
+    sft_teacher: str = doc("The teacher that writes the SFT data (the consistent teacher); with routing, "
+                           "routing.teachers names one per route instead.", "A")
     teacher_data: SamplingSection = doc("Teacher sampling of SFT responses.",
                                         default_factory=lambda: SamplingSection(temperature=0.7, top_p=0.9))
     sft: SFTSection = doc("SFT of the base student on the teacher's responses.", default_factory=SFTSection)
     rollout: RolloutSection = doc("The SFT student's rollouts for the OPD prompts.", default_factory=RolloutSection)
     precompute: PrecomputeSection = doc("Teacher scoring of every rollout token.", default_factory=PrecomputeSection)
     opd: OPDSection = doc("OPD training settings shared by every arm.", default_factory=OPDSection)
+    routing: RoutingSection = doc("Multi-teacher OPD: prompts routed to teachers by one of their fields.",
+                                  default_factory=RoutingSection)
     arms: list[ArmSection] = doc("OPD arms (lightning and/or online).", default_factory=lambda: [ArmSection()])
     eval: EvalSection = doc("Evaluation.", default_factory=EvalSection)
     export: ExportSection = doc("HF export of a trained student.", default_factory=ExportSection)
@@ -769,10 +818,50 @@ def _section_problems(cfg: Config) -> list[str]:
     """Every section's checks of its own fields, each problem under its dotted path."""
     errors: list[str] = []
     for name in ("mesh", "distributed", "precision", "task", "student", "teacher_data", "sft", "rollout",
-                 "precompute", "opd", "eval", "logging"):
+                 "precompute", "opd", "routing", "eval", "logging"):
         errors += getattr(cfg, name).problems(name)
     for name, t in cfg.teachers.items():
         errors += t.problems(f"teachers.{name}")
+    return errors
+
+
+def _routing_problems(cfg: Config) -> list[str]:
+    """Multi-teacher runs: the route maps name known teachers and the same routes, the task can route on the
+    field, and every teacher that scores rollouts is given some route."""
+    r = cfg.routing
+    if not r.enabled:
+        return [f"arms[{i}].teachers: a route -> teacher map needs routing.field (multi-teacher OPD); use "
+                "`teacher` for a one-teacher arm" for i, a in enumerate(cfg.arms) if a.teachers is not None]
+    errors = [f"routing.teachers.{route}: unknown teacher {t!r} (teachers: {sorted(cfg.teachers)})"
+              for route, t in r.teachers.items() if t not in cfg.teachers]
+    if cfg.task.kind == "arithmetic" and r.field and r.field.strip():
+        from jopd.data.arithmetic import ROUTE_FIELDS
+
+        values = ROUTE_FIELDS.get(r.field)
+        if values is None:
+            errors.append(f"routing.field: the arithmetic task routes by {', '.join(sorted(ROUTE_FIELDS))}, "
+                          f"got {r.field!r}")
+        else:
+            errors += [f"routing.teachers.{route}: {route!r} is not a value of the arithmetic task's "
+                       f"{r.field!r} (values: {', '.join(values)})" for route in r.teachers if route not in values]
+    scored: set[str] = set(r.teachers.values())
+    for i, a in enumerate(cfg.arms):
+        if a.teachers is None:
+            continue
+        for route, t in a.teachers.items():
+            if t not in cfg.teachers:
+                errors.append(f"arms[{i}].teachers.{route}: unknown teacher {t!r} (teachers: {sorted(cfg.teachers)})")
+        if set(a.teachers) != set(r.teachers):
+            missing, extra = sorted(set(r.teachers) - set(a.teachers)), sorted(set(a.teachers) - set(r.teachers))
+            errors.append(f"arms[{i}].teachers: must map the routes of routing.teachers ({sorted(r.teachers)})"
+                          + (f"; missing {missing}" if missing else "") + (f"; not routes: {extra}" if extra else ""))
+        if a.mode == "lightning":
+            scored |= set(a.teachers.values())
+    if "precompute" in cfg.stages and r.teachers:
+        for t in cfg.precompute.teachers:
+            if t in cfg.teachers and t not in scored:
+                errors.append(f"precompute.teachers: teacher {t!r} is given no route (routing.teachers, the "
+                              "lightning arms' teachers), so it would score no rollout; remove it")
     return errors
 
 
@@ -815,8 +904,10 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
     path_ok("student.path", cfg.student.path, "hf")
     if cfg.student.init_from_teacher_layers and cfg.student.init_from_teacher_layers not in cfg.teachers:
         errors.append(f"student.init_from_teacher_layers: unknown teacher {cfg.student.init_from_teacher_layers!r}")
-    if cfg.teachers and cfg.sft_teacher not in cfg.teachers:
+    routed = cfg.routing.enabled
+    if cfg.teachers and cfg.sft_teacher not in cfg.teachers and not routed:
         errors.append(f"sft_teacher: {cfg.sft_teacher!r} is not one of the teachers {sorted(cfg.teachers)}")
+    errors += _routing_problems(cfg)
     for t in cfg.precompute.teachers:
         if t not in cfg.teachers:
             errors.append(f"precompute.teachers: unknown teacher {t!r} (teachers: {sorted(cfg.teachers)})")
@@ -824,7 +915,7 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
     if len(set(names)) != len(names):
         errors.append(f"arms: names must be unique, got {names}")
     for i, a in enumerate(cfg.arms):
-        if a.teacher not in cfg.teachers:
+        if a.teacher not in cfg.teachers and not routed:
             errors.append(f"arms[{i}].teacher: unknown teacher {a.teacher!r}")
         if a.loss_weights is not None:
             errors += a.loss_weights.problems(f"arms[{i}].loss_weights")
@@ -844,9 +935,11 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
                               "teacher scores only the sampled tokens (set its topk_* weights to 0)")
             elif cfg.precompute.topk <= 0:
                 errors.append(f"{where} need precompute.topk > 0 (the teacher's stored top-k ids/log-probs)")
-        if a.mode == "lightning" and a.teacher not in cfg.precompute.teachers and "train" in cfg.stages:
-            errors.append(f"arms[{i}] ({a.name}): lightning arm's teacher {a.teacher!r} is not in "
-                          "precompute.teachers")
+        if a.mode == "lightning" and "train" in cfg.stages:
+            for route, t in (a.routes(cfg.routing).items() if routed else [(None, a.teacher)]):
+                if t not in cfg.precompute.teachers:
+                    what = f"teacher {t!r} of route {route!r}" if routed else f"teacher {a.teacher!r}"
+                    errors.append(f"arms[{i}] ({a.name}): lightning arm's {what} is not in precompute.teachers")
     if cfg.export.arm is not None and cfg.export.arm not in names:
         errors.append(f"export.arm: unknown arm {cfg.export.arm!r} (arms: {names})")
     if cfg.eval.kl_teacher is not None and cfg.eval.kl_teacher not in cfg.teachers:

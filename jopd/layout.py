@@ -14,7 +14,8 @@ out. Nothing here touches the disk.
             sft/       store/ (the SFT rows as a RolloutStore)  ckpt/  model/  meta.json
             rollout/   store/
             precompute/NAME/store/
-            arms/NAME/ ckpt/  model/  meta.json  generations/GGGG/store (refresh schedule)
+            arms/NAME/ ckpt/  model/  meta.json  generations/GGGG/store (refresh schedule; multi-teacher:
+                       generations/GGGG/TEACHER/store)
             eval/      results.json
             export/    (HF directory)  export_check.json
 """
@@ -172,9 +173,11 @@ class RunLayout:
     def arm_meta(self, name: str) -> Path:
         return self.arm(name) / "meta.json"
 
-    def arm_generation(self, name: str, generation: int) -> Path:
-        """The store of refresh generation ``generation`` (>= 1) of arm ``name``."""
-        return self.arm(name) / "generations" / f"{generation:04d}" / "store"
+    def arm_generation(self, name: str, generation: int, teacher: str | None = None) -> Path:
+        """The store of refresh generation ``generation`` (>= 1) of arm ``name``; of a multi-teacher arm, the
+        store of ``teacher`` (the generation's rows of the routes the arm gives it)."""
+        gen = self.arm(name) / "generations" / f"{generation:04d}"
+        return (gen if teacher is None else gen / teacher) / "store"
 
     # eval / export
     @property

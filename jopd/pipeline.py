@@ -392,14 +392,38 @@ def sft_teacher(run: Run) -> tuple[str | None, str]:
     return outputs.get("sft_teacher_name"), fp
 
 
-def check_teacher_consistency(run: Run, arm: Any, teacher_fp: str) -> bool:
+def sft_teachers(run: Run) -> dict[str, tuple[str, str]]:
+    """Multi-teacher runs: route -> (name, fingerprint) of the teacher that wrote the route's SFT data, as
+    recorded by the ``sft`` stage; {} for a one-teacher run."""
+    recorded = run.outputs("sft").get("sft_teachers")
+    if not recorded:
+        if run.cfg.routing.enabled:
+            raise StageError(f"the sft stage in {run.layout.root} recorded no per-route SFT teachers: its SFT data "
+                             "was written without routing; delete teacher_data and sft (and the stages after them) "
+                             "to redo them with routing.field set")
+        return {}
+    return {route: (v["teacher_name"], v["teacher_fingerprint"]) for route, v in recorded.items()}
+
+
+def check_teacher_consistency(run: Run, arm: Any, teacher_fp: str, *, route: str | None = None,
+                              teacher: str | None = None) -> bool:
     """True if the arm's teacher is the SFT-data teacher; refused (StageError) unless the arm allows the ablation,
-    which is then warned about and recorded (False)."""
-    sft_name, sft_fp = sft_teacher(run)
+    which is then warned about and recorded (False). Multi-teacher runs: the teacher ``teacher`` the arm gives
+    ``route`` against the teacher that wrote that route's SFT data."""
+    if route is None:
+        sft_name, sft_fp = sft_teacher(run)
+        what = f"its teacher {arm.teacher!r} (fingerprint {teacher_fp}) is not the teacher that wrote the SFT data"
+    else:
+        by_route = sft_teachers(run)
+        if route not in by_route:
+            raise StageError(f"arm {arm.name!r}: route {route!r} has no SFT-data teacher recorded by the sft stage "
+                             f"(routes {sorted(by_route)}); the routes changed since: redo teacher_data and sft")
+        sft_name, sft_fp = by_route[route]
+        what = (f"its teacher {teacher!r} of route {route!r} (fingerprint {teacher_fp}) is not the teacher that "
+                f"wrote the route's SFT data")
     if teacher_fp == sft_fp:
         return True
-    msg = (f"arm {arm.name!r}: its teacher {arm.teacher!r} (fingerprint {teacher_fp}) is not the teacher that "
-           f"wrote the SFT data, {sft_name!r} (fingerprint {sft_fp}): the student was not fine-tuned on this "
+    msg = (f"arm {arm.name!r}: {what}, {sft_name!r} (fingerprint {sft_fp}): the student was not fine-tuned on this "
            "teacher's responses, so OPD would distil from an inconsistent teacher")
     if not arm.allow_inconsistent_teacher:
         raise StageError(msg + f". Set allow_inconsistent_teacher: true on arm {arm.name!r} to run this ablation.")

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ import numpy as np
 
 from jopd import sharding
 from jopd.data import tokenizer as toklib
-from jopd.data.loader import SEQ_LEN_BUCKET
+from jopd.data.loader import SEQ_LEN_BUCKET, StoreSlices
+from jopd.data.routing import route_groups
 from jopd.data.store import RolloutStore, StoreError
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.models import Model, ModelConfig, logprobs_and_topk_fn, token_logprobs
+from jopd.multi_teacher import describe_routes, prompt_routes, route_names
 from jopd.pipeline import (
     Run,
     StageError,
@@ -41,6 +43,7 @@ from jopd.pipeline import (
     check_teacher_consistency,
     check_tokenizer,
     derive_seed,
+    fingerprint,
     open_or_create_store,
     sft_teacher,
 )
@@ -229,15 +232,21 @@ def refresh_summary(run: Run, arm: Any) -> dict[str, Any]:
                                                   "consistent_teacher", "cost")} for g in gens]}
 
 
-def refreshing_batches(run: Run, arm: Any, first: StoreBatches, *, student: Model, teacher: Any,
+def refreshing_batches(run: Run, arm: Any, first: StoreBatches, *, student: Model, teacher: Callable[[str], Model],
                        fields: Sequence[str]) -> RefreshBatches:
     """The arm's batches under its refresh schedule N (``arm.refresh(opd)`` > 0): generation 0 is ``first``
-    (the precomputed store), generation g >= 1 is sampled by the student of step g N and scored by ``teacher()``
-    (loaded when first needed) into ``layout.arm_generation(arm, g)``, then trained on for N steps.
+    (the precomputed store), generation g >= 1 is sampled by the student of step g N and scored by its teacher
+    (``teacher(name)``, loaded when first needed) into ``layout.arm_generation(arm, g)``, then trained on for N
+    steps.
 
     Teacher consistency is checked again for every generation (the teacher directory is fingerprinted when the
     generation is made). A generation found incomplete once the student has moved past its step is refused:
     its remaining rows could no longer be sampled by the student it belongs to.
+
+    Multi-teacher arms (``routing.field``): the generation's prompts (the online steps' stream, stratified by
+    route) are split by the teacher the arm gives their routes; each teacher's rows, route after route, go to
+    ``layout.arm_generation(arm, g, teacher)`` (attrs ``routes`` like a precompute store), and the generation
+    trains on them as `StoreSlices` (batches stratified by route).
     """
     cfg, layout = run.cfg, run.layout
     every, batch, topk = arm.refresh(cfg.opd), cfg.opd.batch_size, cfg.precompute.topk if any(
@@ -246,42 +255,92 @@ def refreshing_batches(run: Run, arm: Any, first: StoreBatches, *, student: Mode
     r = cfg.rollout
     max_len, sampling = row_length(prompts, r.max_new_tokens), sampling_record(r, samples_per_prompt=1)
     stops = list(toklib.stop_ids(run.tokenizer, ModelConfig.from_pretrained(layout.sft_model)))
+    routed = cfg.routing.enabled
+    names = route_names(cfg) if routed else []
+    try:
+        prompt_route = prompt_routes(prompts, cfg, str(layout.prompts("opd"))) if routed else []
+    except ValueError as e:
+        raise StageError(f"arm {arm.name!r}: {e}") from e
+    groups = route_groups(prompt_route, names) if routed else None
+
+    def base_attrs(g: int, teacher_name: str, teacher_dir: Path, teacher_fp: str) -> dict[str, Any]:
+        return {"kind": "refresh", "arm": arm.name, "generation": g, "policy_step": g * every,
+                "refresh_every": every, "teacher_name": teacher_name, "teacher_fingerprint": teacher_fp,
+                "teacher_tokenizer_fingerprint": check_tokenizer(run, teacher_dir, f"teacher {teacher_name!r}"),
+                "tokenizer_fingerprint": toklib.tokenizer_fingerprint(run.tokenizer),
+                "sft_teacher_fingerprint": sft_teacher(run)[1], "sampling": sampling, "stop_ids": stops,
+                "prompt_split": "opd", "num_prompts": len(prompts), "topk": topk, "logprob_temperature": 1.0}
+
+    def parts(g: int) -> list[tuple[str, Path, list[int], dict[str, list[int]]]]:
+        """(teacher, store path, prompt indices, {route: [first, end row]} or {}) of every store of generation g."""
+        indices = prompt_stream(len(prompts), cfg.seed, g * every * batch, every * batch, groups=groups)
+        if not routed:
+            return [(arm.teacher, layout.arm_generation(arm.name, g), indices, {})]
+        out = []
+        arm_routes = arm.routes(cfg.routing)
+        for name in sorted(set(arm_routes.values())):
+            rows, spans = [], {}
+            for route in (x for x in names if arm_routes[x] == name):
+                mine = [i for i in indices if prompt_route[i] == route]
+                if mine:  # a generation may draw no prompt of a small route
+                    spans[route] = [len(rows), len(rows) + len(mine)]
+                    rows += mine
+            if rows:
+                out.append((name, layout.arm_generation(arm.name, g, name), rows, spans))
+        return out
 
     def make_generation(g: int, loop: Any) -> tuple[Path, dict[str, float]]:
-        path = layout.arm_generation(arm.name, g)
-        meta_path = path.parent / "meta.json"
-        teacher_dir = layout.teacher(arm.teacher)
-        teacher_fp = run.fingerprint(teacher_dir)
-        consistent = check_teacher_consistency(run, arm, teacher_fp)
-        attrs = {"kind": "refresh", "arm": arm.name, "generation": g, "policy_step": g * every,
-                 "refresh_every": every, "teacher_name": arm.teacher, "teacher_fingerprint": teacher_fp,
-                 "teacher_tokenizer_fingerprint": check_tokenizer(run, teacher_dir, f"teacher {arm.teacher!r}"),
-                 "tokenizer_fingerprint": toklib.tokenizer_fingerprint(run.tokenizer),
-                 "sft_teacher_fingerprint": sft_teacher(run)[1], "sampling": sampling, "stop_ids": stops,
-                 "prompt_split": "opd", "num_prompts": len(prompts), "topk": topk, "logprob_temperature": 1.0}
-        complete = (path / "meta.json").is_file() and all(
-            RolloutStore.open(path).is_complete(group) for group in ("rollout", "teacher"))
+        stores = parts(g)
+        gen_dir = layout.arm_generation(arm.name, g).parent
+        meta_path = gen_dir / "meta.json"
+        complete = all((path / "meta.json").is_file() and all(
+            RolloutStore.open(path).is_complete(group) for group in ("rollout", "teacher")) for _, path, _, _ in stores)
         if not complete and loop.step != g * every:
-            raise StageError(f"arm {arm.name!r}: refresh generation {g} ({path}) is incomplete, but the arm's "
+            raise StageError(f"arm {arm.name!r}: refresh generation {g} ({gen_dir}) is incomplete, but the arm's "
                              f"checkpoint is at step {loop.step}, past the step {g * every} whose student samples "
                              f"it; delete {layout.arm(arm.name)} to re-train the arm")
         log.info("arm %s: refresh generation %d (student of step %d, %d rows)%s", arm.name, g, g * every,
                  every * batch, " already written: verifying" if complete else "")
-        cost = write_generation(run, path, student=dataclasses.replace(student, params=loop.train_state.params),
-                                teacher=teacher(), teacher_name=arm.teacher,
-                                prompts=prompts, prompt_indices=prompt_stream(len(prompts), cfg.seed, g * every * batch,
-                                                                              every * batch),
-                                attrs=attrs, max_len=max_len, seed=derive_seed(r.seed, 1_000_000 + g), topk=topk)
+        policy = dataclasses.replace(student, params=loop.train_state.params)
+        cost, per_route, fps, consistent = GenerationCost(), {}, {}, True
+        gen_seed = derive_seed(r.seed, 1_000_000 + g)
+        for k, (name, path, rows, spans) in enumerate(stores):
+            teacher_dir = layout.teacher(name)
+            fp = fps[name] = run.fingerprint(teacher_dir)
+            attrs = base_attrs(g, name, teacher_dir, fp)
+            if routed:
+                for route, (lo, hi) in spans.items():
+                    ok = check_teacher_consistency(run, arm, fp, route=route, teacher=name)
+                    per_route[route] = {"teacher_name": name, "teacher_fingerprint": fp, "consistent_teacher": ok,
+                                        "rows": hi - lo}
+                    consistent &= ok
+                attrs.update(routing_field=cfg.routing.field, routes=spans)
+            else:
+                consistent = check_teacher_consistency(run, arm, fp)
+            part = write_generation(run, path, student=policy, teacher=teacher(name), teacher_name=name,
+                                    prompts=prompts, prompt_indices=rows, attrs=attrs, max_len=max_len,
+                                    seed=gen_seed if not routed else derive_seed(gen_seed, k), topk=topk)
+            for key, value in dataclasses.asdict(part).items():
+                setattr(cost, key, getattr(cost, key) + value)
         if run.is_main and not (complete and meta_path.is_file()):
-            atomic_write_json(meta_path, {"generation": g, "policy_step": g * every, "rows": every * batch,
-                                          "teacher_name": arm.teacher, "teacher_fingerprint": teacher_fp,
+            who = ({"teacher_name": arm.teacher, "teacher_fingerprint": fps[arm.teacher]} if not routed else
+                   {"teacher_name": f"routes ({describe_routes({x: v['teacher_name'] for x, v in per_route.items()})})",
+                    "teacher_fingerprint": fingerprint({x: v["teacher_fingerprint"] for x, v in per_route.items()}),
+                    "routes": per_route})
+            atomic_write_json(meta_path, {"generation": g, "policy_step": g * every, "rows": every * batch, **who,
                                           "consistent_teacher": consistent, "cost": dataclasses.asdict(cost),
-                                          "store": layout.relative(path)})
+                                          "store": layout.relative(stores[0][1] if not routed else gen_dir)})
         barrier(f"arm-{arm.name}-generation-{g}")
-        return path, {"gen_s": cost.gen_s, "score_s": cost.score_s}
+        return (gen_dir if routed else stores[0][1]), {"gen_s": cost.gen_s, "score_s": cost.score_s}
 
     def open_batches(path: Path, g: int) -> StoreBatches:
-        return store_batches(path, batch_size=batch, token_budget=cfg.opd.token_budget, row_len=cfg.opd.row_len,
+        source: Any = path
+        if routed:
+            slices = []
+            for _, path, _, spans in parts(g):
+                slices += [(route, (str(path), lo, hi)) for route, (lo, hi) in spans.items()]
+            source = StoreSlices(tuple(part for _, part in sorted(slices)))
+        return store_batches(source, batch_size=batch, token_budget=cfg.opd.token_budget, row_len=cfg.opd.row_len,
                              seed=derive_seed(cfg.seed, g), num_steps=every, fields=fields, shuffle=cfg.opd.shuffle)
 
     return RefreshBatches(first, every=every, make_generation=make_generation, open_batches=open_batches)

@@ -28,8 +28,9 @@ from jopd import loop as looplib
 from jopd import losses
 from jopd.checkpointing import Checkpointer
 from jopd.data import loader
+from jopd.data.routing import stratified_order
 from jopd.models import Model, token_logprobs
-from jopd.sampling import generate, sequences
+from jopd.sampling import bucket, generate, sequences
 from jopd.sharding import round_up, to_host
 from jopd.steps import (
     OPDLossConfig,
@@ -67,11 +68,14 @@ class StoreBatches:
     row_len: int
     plan_describe: Callable[[int], str] | None  # packed: the plan names a batch's rows from its step alone
     _last_rows: list[int] = dataclasses.field(default_factory=list)
+    slices: loader.StoreSlices | None = None  # rows of several stores (multi-teacher): names rows by store
 
     def describe(self, step: int) -> str:
         """The store rows of step ``step`` (1-based; padded: the last batch taken, this process's rows)."""
         if self.plan_describe is not None:
             return self.plan_describe(step)
+        if self.slices is not None:
+            return f"{self.slices.describe(self._last_rows)} (this process's)"
         return f"store rows {self._last_rows} (this process's)"
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -84,16 +88,21 @@ class StoreBatches:
         return batch
 
 
-def store_batches(store_path: str | Path, *, batch_size: int, token_budget: int | None, row_len: int | None,
-                  seed: int, num_steps: int, fields: Sequence[str], shuffle: bool = True) -> StoreBatches:
-    """The batches of one training loop from a store (see jopd.data.loader for both layouts)."""
+def store_batches(store_path: str | Path | loader.StoreSlices, *, batch_size: int, token_budget: int | None,
+                  row_len: int | None, seed: int, num_steps: int, fields: Sequence[str],
+                  shuffle: bool = True) -> StoreBatches:
+    """The batches of one training loop from a store, or from rows of several (`loader.StoreSlices`: batches
+    stratified by part, see jopd.data.loader for both layouts)."""
+    slices = store_path if isinstance(store_path, loader.StoreSlices) else None
     if token_budget:
         ds, plan = loader.make_packed_dataset(store_path, token_budget=token_budget, row_len=row_len, seed=seed,
                                               num_steps=num_steps, shuffle=shuffle, fields=fields)
-        return StoreBatches(iter(ds), plan.rows, True, plan.row_len, lambda step: plan.describe(step - 1))
+        describe = (lambda step: plan.describe(step - 1)) if slices is None else (
+            lambda step: slices.describe(sorted(i for row in plan.batch(step - 1) for i in row)))
+        return StoreBatches(iter(ds), plan.rows, True, plan.row_len, describe, slices=slices)
     it = loader.make_loader(store_path, global_batch_size=batch_size, seed=seed, shuffle=shuffle, seq_len="auto",
                             fields=tuple(fields) + (loader.ROW_INDEX,))
-    return StoreBatches(it, batch_size, False, 0, None)
+    return StoreBatches(it, batch_size, False, 0, None, slices=slices)
 
 
 def fixed_batches(store_path: str | Path, *, batch_size: int, fields: Sequence[str]) -> list[dict[str, np.ndarray]]:
@@ -232,14 +241,22 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
     return dataclasses.replace(student, params=final.train_state.params), final
 
 
-def prompt_stream(num_prompts: int, seed: int, start: int, count: int) -> list[int]:
+def prompt_stream(num_prompts: int, seed: int, start: int, count: int,
+                  groups: Sequence[int] | None = None) -> list[int]:
     """Prompt indices at positions ``start .. start + count`` of the OPD prompt stream: the prompts in a fresh
     seeded permutation per pass, passes one after another. Online step s takes positions ``(s - 1) B .. s B``;
-    refresh generation g takes those of the online steps it serves, ``g N B .. (g + 1) N B``."""
+    refresh generation g takes those of the online steps it serves, ``g N B .. (g + 1) N B``. With ``groups``
+    (each prompt's route, multi-teacher runs) a pass is a `stratified_order` of the prompts instead, so every
+    batch holds the routes in proportion to their prompts."""
     positions = np.arange(start, start + count)
     epochs, within = np.divmod(positions, num_prompts)
+
+    def order(e: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, e, 0x0B5])
+        return rng.permutation(num_prompts) if groups is None else stratified_order(groups, rng)
+
     # One permutation per pass the range touches (usually one), not one per prompt.
-    perms = {int(e): np.random.default_rng([seed, int(e), 0x0B5]).permutation(num_prompts) for e in np.unique(epochs)}
+    perms = {int(e): order(int(e)) for e in np.unique(epochs)}
     return [int(perms[int(e)][j]) for e, j in zip(epochs, within)]
 
 
@@ -255,13 +272,24 @@ class OnlineBatches(looplib.Hook):
     The prompt stream cycles over ``prompts`` with a fresh seeded permutation per pass and sampling seeds derive
     from (seed, step), so batch s is a function of s: a resumed run needs only the step to continue.
     ``last_phases``: seconds spent generating (``gen_s``) and scoring (``score_s``) the last batch.
+
+    Multi-teacher: ``teacher`` a sequence of models, one per route, and ``routes`` the route (index into it) of
+    every prompt: the stream is stratified by route (:func:`prompt_stream`) and each row is scored by its route's
+    teacher, every teacher scoring only its rows (padded to a power of two, at most ``batch_size``).
     """
 
-    def __init__(self, prompts: Sequence[Mapping[str, Any]], student: Model, teacher: Model, *, batch_size: int,
-                 seed: int, sampling: Any, stop_ids: Sequence[int], seq_bucket: int = loader.SEQ_LEN_BUCKET):
+    def __init__(self, prompts: Sequence[Mapping[str, Any]], student: Model, teacher: Model | Sequence[Model], *,
+                 batch_size: int, seed: int, sampling: Any, stop_ids: Sequence[int],
+                 seq_bucket: int = loader.SEQ_LEN_BUCKET, routes: Sequence[int] | None = None):
         if not prompts:
             raise ValueError("online OPD: no prompts")
+        if (routes is None) != isinstance(teacher, Model):
+            raise ValueError("online OPD: give one teacher, or one teacher per route and the prompts' routes")
+        if routes is not None and (len(routes) != len(prompts) or not 0 <= min(routes) <= max(routes) < len(teacher)):
+            raise ValueError(f"online OPD: routes must give each of the {len(prompts)} prompts one of the "
+                             f"{len(teacher)} teachers")
         self.prompts, self.student, self.teacher = prompts, student, teacher
+        self.routes = None if routes is None else np.asarray(routes, np.int64)
         self.batch_size, self.seed, self.sampling, self.stop_ids = batch_size, seed, sampling, tuple(stop_ids)
         longest_prompt = max(len(p["prompt_ids"]) for p in prompts)
         # One static length for every batch: the longest prompt plus a full-length response, rounded up.
@@ -274,7 +302,23 @@ class OnlineBatches(looplib.Hook):
 
     def prompt_indices(self, step: int) -> list[int]:
         """Indices of the prompts of step ``step`` (1-based)."""
-        return prompt_stream(len(self.prompts), self.seed, (step - 1) * self.batch_size, self.batch_size)
+        return prompt_stream(len(self.prompts), self.seed, (step - 1) * self.batch_size, self.batch_size,
+                             groups=self.routes)
+
+    def _teacher_logprobs(self, indices: Sequence[int], tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """[B, T] teacher log-probs of the batch: one teacher, or each row's route's teacher on its rows."""
+        if self.routes is None:
+            return to_host(token_logprobs(self.teacher, tokens, mask)).astype(np.float32)
+        out = np.zeros(tokens.shape, np.float32)
+        row_route = self.routes[np.asarray(indices)]
+        for r in np.unique(row_route):
+            rows = np.flatnonzero(row_route == r)
+            n = min(bucket(len(rows)), len(indices))  # few compiled shapes
+            sub_tokens, sub_mask = np.zeros((n, tokens.shape[1]), np.int32), np.zeros((n, tokens.shape[1]), np.int32)
+            sub_tokens[:len(rows)], sub_mask[:len(rows)] = tokens[rows], mask[rows]
+            sub_mask[len(rows):, 0] = 1  # padding rows: a one-token sequence, so every row is valid
+            out[rows] = to_host(token_logprobs(self.teacher[r], sub_tokens, sub_mask))[:len(rows)]
+        return out
 
     def describe(self, step: int) -> str:
         return f"opd prompt indices {self.prompt_indices(step)}"
@@ -284,7 +328,8 @@ class OnlineBatches(looplib.Hook):
 
     def __next__(self) -> dict[str, np.ndarray]:
         step = self._loop.step + 1
-        prompt_ids = [self.prompts[i]["prompt_ids"] for i in self.prompt_indices(step)]
+        indices = self.prompt_indices(step)
+        prompt_ids = [self.prompts[i]["prompt_ids"] for i in indices]
         sp = self.sampling
         t0 = time.perf_counter()
         res = generate(dataclasses.replace(self.student, params=self._loop.train_state.params), prompt_ids,
@@ -292,7 +337,7 @@ class OnlineBatches(looplib.Hook):
                        eos_token_id=self.stop_ids, seed=sample_seed(self.seed, step - 1), batch_size=self.batch_size)
         t1 = time.perf_counter()
         seqs = sequences(prompt_ids, res, self.seq_len)
-        teacher_lp = to_host(token_logprobs(self.teacher, seqs["tokens"], seqs["mask"])).astype(np.float32)
+        teacher_lp = self._teacher_logprobs(indices, seqs["tokens"], seqs["mask"])
         self.last_phases = {"gen_s": t1 - t0, "score_s": time.perf_counter() - t1}
         response = seqs["response_mask"]
         return process_rows({"tokens": seqs["tokens"], "response_mask": response,

@@ -45,6 +45,8 @@ __all__ = [
     "difficulty_dict",
     "is_heldout",
     "make_problems",
+    "ROUTE_FIELDS",
+    "route_tag",
     "solution_style",
     "solve",
 ]
@@ -439,6 +441,21 @@ def solve(problem: Problem, style: Style) -> str:
         chain = " => ".join([_render(tree)] + [_render(t) for t, _ in steps])
         return f"{chain}\n#### {answer}"
     raise ValueError(f"style must be 'A' or 'B', got {style!r}")
+
+
+# Multi-teacher routing (routing.field): the problem fields a prompt can be routed by, and their values.
+ROUTE_FIELDS: dict[str, tuple[str, ...]] = {"level": ("1", "2", "3"), "kind": ("expr", "word"),
+                                            "num_ops": ("1", "2", "3")}
+
+
+def route_tag(problem: Problem, field: str) -> str:
+    """The route of a generated ``problem`` by ``field`` (one of `ROUTE_FIELDS`), as a string ("2", "word")."""
+    if field not in ROUTE_FIELDS:
+        raise ValueError(f"the arithmetic task routes by {', '.join(sorted(ROUTE_FIELDS))}, not {field!r}")
+    value = problem.meta.get(field)
+    if value is None:
+        raise ValueError(f"problem {problem.prompt!r} has no {field!r} (made with a custom Difficulty?)")
+    return str(value)
 
 
 def solution_style(text: str) -> Style | None:

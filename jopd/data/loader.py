@@ -39,6 +39,7 @@ resumes exactly. Every epoch trains on every row once; its last batch may be par
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ import grain
 import jax
 import numpy as np
 
+from jopd.data.routing import stratified_order
 from jopd.data.store import ARRAYS, RolloutStore, StoreError
 from jopd.sharding import round_up
 
@@ -185,6 +187,153 @@ class RolloutSource:
         return row
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreSlices:
+    """Rows of several stores read as one (multi-teacher arms: each route's rows in its teacher's store).
+
+    ``parts``: ``(store path, first row, end row)`` per part; row i of the whole is part p's row
+    ``first + i - offset_p`` (parts one after another). Every part is a group of the batches' stratified order
+    (`jopd.data.routing.stratified_order`): shuffled or not, each batch holds the parts in proportion to their
+    rows (to within a row or two), instead of a uniform shuffle's proportion in expectation only. The stores
+    must share ``max_len`` and ``topk`` (they hold rows of one rollout store, or of one refresh generation).
+    """
+
+    parts: tuple[tuple[str, int, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("StoreSlices needs at least one part")
+        for path, lo, hi in self.parts:
+            if not 0 <= lo < hi:
+                raise ValueError(f"StoreSlices: part {path} rows [{lo}, {hi}) is empty or negative")
+
+    @property
+    def groups(self) -> np.ndarray:
+        """int64 [N]: the part of every row."""
+        return np.repeat(np.arange(len(self.parts)), [hi - lo for _, lo, hi in self.parts])
+
+    def describe(self, indices: Sequence[int]) -> str:
+        """Which part rows whole-source rows ``indices`` are (``path[row, ...]``), for messages."""
+        offsets = np.cumsum([0] + [hi - lo for _, lo, hi in self.parts])
+        named: dict[str, list[int]] = {}
+        for i in indices:
+            if i < 0:
+                continue
+            p = int(np.searchsorted(offsets, i, side="right")) - 1
+            path, lo, _ = self.parts[p]
+            named.setdefault(path, []).append(int(lo + i - offsets[p]))
+        return "; ".join(f"{path} rows {rows}" for path, rows in named.items())
+
+
+class SlicedSource:
+    """Grain random-access source over `StoreSlices`: a `RolloutSource` per store, rows renumbered part after part
+    (``row_index`` = the whole source's row). Same interface as `RolloutSource`."""
+
+    def __init__(self, slices: StoreSlices, fields: Sequence[str] | None = None, *,
+                 seq_len: int | Literal["auto"] | None = None, cache_bytes: int = 64 << 20):
+        self.slices = slices
+        stores = {path: RolloutStore.open(path, "r") for path in dict.fromkeys(p for p, _, _ in slices.parts)}
+        shapes = {(st.max_len, st.topk) for st in stores.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"StoreSlices: the stores differ in (max_len, topk): "
+                             f"{ {p: (st.max_len, st.topk) for p, st in stores.items()} }")
+        for path, lo, hi in slices.parts:
+            if hi > stores[path].num_rows:
+                raise ValueError(f"StoreSlices: {path} has {stores[path].num_rows} rows, not [{lo}, {hi})")
+        max_len = next(iter(stores.values())).max_len
+        if seq_len is None:
+            seq_len = max_len
+        elif seq_len == "auto":
+            seq_len = round_seq_len(max(st.max_row_len() for st in stores.values()), max_len)
+        own = None if fields is None else tuple(f for f in fields if f != ROW_INDEX)  # row_index: computed here
+        self._sources = {path: RolloutSource(path, own, seq_len=seq_len, cache_bytes=cache_bytes) for path in stores}
+        first = next(iter(self._sources.values()))
+        self._fields = first.fields if fields is None else tuple(fields)
+        self._seq_len, self._topk = first.seq_len, first.topk
+        self._offsets = np.cumsum([0] + [hi - lo for _, lo, hi in slices.parts])
+
+    seq_len = property(lambda self: self._seq_len, doc="Static length of every per-token field.")
+    fields = property(lambda self: self._fields)
+    topk = property(lambda self: self._topk, doc="k of the stores' top-k arrays (0: none).")
+
+    def __repr__(self) -> str:
+        return f"SlicedSource(parts={self.slices.parts!r}, fields={self._fields!r}, seq_len={self._seq_len})"
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rows = self.read([index])
+        return {f: rows[f][0] for f in self._fields}
+
+    def read(self, indices: Sequence[int], seq_len: int | None = None) -> dict[str, np.ndarray]:
+        """Rows ``indices`` of the whole as arrays ``[n, seq_len]``, one read per part touched."""
+        idx = np.asarray(indices, np.int64)
+        part = np.searchsorted(self._offsets, idx, side="right") - 1
+        out: dict[str, np.ndarray] | None = None
+        for p in np.unique(part):
+            path, lo, _ = self.slices.parts[p]
+            where = np.flatnonzero(part == p)
+            got = self._sources[path].read((lo + idx[where] - self._offsets[p]).tolist(), seq_len=seq_len)
+            if out is None:
+                out = {f: np.zeros((len(idx),) + v.shape[1:], v.dtype) for f, v in got.items()}
+            for f, v in got.items():
+                out[f][where] = v
+        if out is None:  # no rows
+            out = {f: np.zeros((0,) + v.shape, v.dtype) for f, v in self.padding_row().items()}
+        if ROW_INDEX in self._fields:
+            out[ROW_INDEX] = idx.astype(np.int32)
+        return {f: out[f] for f in self._fields}
+
+    def padding_row(self) -> dict[str, np.ndarray]:
+        row = next(iter(self._sources.values())).padding_row()
+        if ROW_INDEX in self._fields:
+            row[ROW_INDEX] = np.full((), -1, np.int32)
+        return {f: row[f] for f in self._fields}
+
+
+def open_source(store: str | os.PathLike[str] | StoreSlices, fields: Sequence[str] | None = None, *,
+                seq_len: int | Literal["auto"] | None = None,
+                cache_bytes: int = 64 << 20) -> RolloutSource | SlicedSource:
+    """The Grain source of a store directory, or of `StoreSlices`."""
+    if isinstance(store, StoreSlices):
+        return SlicedSource(store, fields, seq_len=seq_len, cache_bytes=cache_bytes)
+    return RolloutSource(store, fields, seq_len=seq_len, cache_bytes=cache_bytes)
+
+
+class _StratifiedMapDataset(grain.MapDataset):
+    """Epoch e of `parent` in `stratified_order(groups, rng(seed, e))` (without shuffle: the groups interleaved in
+    row order, the same every epoch). Index e * N + j maps to parent row order_e[j], like Grain's shuffle."""
+
+    def __init__(self, parent: grain.MapDataset, groups: np.ndarray, seed: int, shuffle: bool):
+        super().__init__(parent)
+        self._groups, self._seed, self._shuffle = np.asarray(groups), seed, shuffle
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        key = epoch if self._shuffle else 0
+        with self._lock:
+            if key not in self._orders:
+                if len(self._orders) > 2:  # epochs are read in order: keep the current ones only
+                    self._orders.pop(min(self._orders))
+                rng = np.random.default_rng([self._seed, key]) if self._shuffle else None
+                self._orders[key] = stratified_order(self._groups, rng)
+            return self._orders[key]
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, j = divmod(index, len(self))
+        return self._parent[int(self._order(epoch)[j])]
+
+    def __str__(self) -> str:
+        return f"_StratifiedMapDataset(groups={len(np.unique(self._groups))}, shuffle={self._shuffle})"
+
+
 class _PadEpochsMapDataset(grain.MapDataset):
     """Lengthens every epoch of `parent` from len(parent) to `epoch_len` elements with trailing padding rows.
 
@@ -235,7 +384,7 @@ class _ProcessBlocksMapDataset(grain.MapDataset):
         return f"_ProcessBlocksMapDataset(local={self._local}, index={self._index}, count={self._count})"
 
 
-def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, seed: int, shuffle: bool = True,
+def make_dataset(store_path: str | os.PathLike[str] | StoreSlices, *, global_batch_size: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
                  drop_remainder: bool = True, fields: Sequence[str] | None = None,
                  seq_len: int | Literal["auto"] | None = None, read_options: grain.ReadOptions | None = None,
@@ -243,7 +392,9 @@ def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, 
     """Builds the pipeline described in the module docstring; elements are dicts of [b, ...] numpy arrays.
 
     b = global_batch_size // process_count (must divide). process_index / process_count default to JAX's.
-    num_epochs=None repeats forever. See `RolloutSource` for `fields`, `seq_len` and `cache_bytes`.
+    num_epochs=None repeats forever. See `RolloutSource` for `fields`, `seq_len` and `cache_bytes`. With
+    `StoreSlices` of several parts, each epoch takes the rows in `stratified_order` of the parts instead of a
+    uniform shuffle (shuffled within each part with ``shuffle``).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -256,14 +407,16 @@ def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, 
         raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
     if num_epochs is not None and num_epochs <= 0:
         raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
-    source = RolloutSource(store_path, fields, seq_len=seq_len, cache_bytes=cache_bytes)
+    source = open_source(store_path, fields, seq_len=seq_len, cache_bytes=cache_bytes)
     steps = epoch_steps(len(source), global_batch_size, drop_remainder)
     if steps == 0:
         raise ValueError(f"{store_path}: {len(source)} rows < global_batch_size={global_batch_size} with "
                          f"drop_remainder=True: an epoch would have no batch")
     epoch_len = steps * global_batch_size
     ds = grain.MapDataset.source(source)
-    if shuffle:
+    if isinstance(store_path, StoreSlices) and len(store_path.parts) > 1:
+        ds = _StratifiedMapDataset(ds, store_path.groups, seed, shuffle)
+    elif shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds[:epoch_len] if epoch_len <= len(source) else _PadEpochsMapDataset(ds, epoch_len, source.padding_row())
     local_batch = global_batch_size // process_count
@@ -275,7 +428,7 @@ def make_dataset(store_path: str | os.PathLike[str], *, global_batch_size: int, 
     return ds.to_iter_dataset(read_options).batch(local_batch, drop_remainder=True)
 
 
-def make_loader(store_path: str | os.PathLike[str], *, global_batch_size: int, seed: int, shuffle: bool = True,
+def make_loader(store_path: str | os.PathLike[str] | StoreSlices, *, global_batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
                 drop_remainder: bool = True, fields: Sequence[str] | None = None,
                 seq_len: int | Literal["auto"] | None = None, read_options: grain.ReadOptions | None = None,
@@ -333,8 +486,10 @@ class PackingPlan:
     """
 
     def __init__(self, lengths: np.ndarray, *, rows: int, row_len: int, seed: int, shuffle: bool = True,
-                 window: int = PACK_WINDOW):
+                 window: int = PACK_WINDOW, groups: np.ndarray | None = None):
         self.lengths = np.asarray(lengths, np.int64)
+        # groups (int [N], e.g. the routes of StoreSlices): sequences taken in their stratified order
+        self.groups = None if groups is None else np.asarray(groups)
         self.rows, self.row_len, self.seed, self.shuffle, self.window = rows, row_len, seed, shuffle, window
         self._epochs: list[list[list[list[int]]]] = []
         self._starts: list[int] = []  # first global batch index of each planned epoch
@@ -342,7 +497,10 @@ class PackingPlan:
 
     def _plan_epoch(self, epoch: int) -> list[list[list[int]]]:
         n = len(self.lengths)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.groups is not None:
+            order = stratified_order(self.groups, np.random.default_rng([self.seed, epoch]) if self.shuffle else None)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return pack_epoch(self.lengths, order, rows=self.rows, row_len=self.row_len, window=self.window)
 
     def batch(self, step: int) -> list[list[int]]:
@@ -367,7 +525,8 @@ class PackingPlan:
 class _ReadPackedBatch:
     """Grain map: global batch index -> this process's packed rows ``{field: [rows_local, row_len]}``."""
 
-    def __init__(self, source: RolloutSource, plan: PackingPlan, process_index: int, process_count: int):
+    def __init__(self, source: RolloutSource | SlicedSource, plan: PackingPlan, process_index: int,
+                 process_count: int):
         self.source, self.plan = source, plan
         local = plan.rows // process_count
         self.row_range = (process_index * local, (process_index + 1) * local)
@@ -403,14 +562,16 @@ class _ReadPackedBatch:
         return out
 
 
-def sequence_lengths(store_path: str | os.PathLike[str]) -> np.ndarray:
-    """prompt_len + response_len of every row of a store, int64 [N]."""
+def sequence_lengths(store_path: str | os.PathLike[str] | StoreSlices) -> np.ndarray:
+    """prompt_len + response_len of every row of a store (or of `StoreSlices`, part after part), int64 [N]."""
+    if isinstance(store_path, StoreSlices):
+        return np.concatenate([sequence_lengths(path)[lo:hi] for path, lo, hi in store_path.parts])
     store = RolloutStore.open(store_path, "r")
     lens = store.read_rows(range(store.num_rows), ["prompt_len", "response_len"])
     return (lens["prompt_len"] + lens["response_len"]).astype(np.int64)
 
 
-def make_packed_dataset(store_path: str | os.PathLike[str], *, token_budget: int, num_steps: int, seed: int,
+def make_packed_dataset(store_path: str | os.PathLike[str] | StoreSlices, *, token_budget: int, num_steps: int, seed: int,
                         row_len: int | None = None, shuffle: bool = True, process_index: int | None = None,
                         process_count: int | None = None, fields: Sequence[str] | None = None,
                         read_options: grain.ReadOptions | None = None, cache_bytes: int = 64 << 20,
@@ -435,11 +596,13 @@ def make_packed_dataset(store_path: str | os.PathLike[str], *, token_budget: int
     if rows % process_count:
         raise ValueError(f"token_budget={token_budget} gives {rows} rows of {row_len} tokens, not a multiple of "
                          f"the {process_count} processes")
-    source = RolloutSource(store_path, fields, cache_bytes=cache_bytes)
+    source = open_source(store_path, fields, cache_bytes=cache_bytes)
     bad = [f for f in source.fields if f in ARRAYS and ARRAYS[f][2] == "row" or f == ROW_INDEX]
     if bad:
         raise ValueError(f"packed batches hold per-token fields only; not {bad}")
-    plan = PackingPlan(lengths, rows=rows, row_len=row_len, seed=seed, shuffle=shuffle, window=window)
+    groups = store_path.groups if isinstance(store_path, StoreSlices) and len(store_path.parts) > 1 else None
+    plan = PackingPlan(lengths, rows=rows, row_len=row_len, seed=seed, shuffle=shuffle, window=window,
+                       groups=groups)
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     ds = grain.MapDataset.range(num_steps).map(_ReadPackedBatch(source, plan, process_index, process_count))

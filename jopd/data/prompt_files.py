@@ -107,6 +107,19 @@ def _extract_label(row: Mapping[str, Any], answer_fields: Sequence[str]) -> str 
     return None
 
 
+def _extract_route(row: Mapping[str, Any], route_field: str) -> str:
+    """A row's route (multi-teacher routing): the string or integer at ``route_field``, as a string."""
+    value = _get_path(row, route_field)
+    if value is None:
+        raise ValueError(f"missing route field {route_field!r} (routing.field: every prompt must name its route)")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"route field {route_field!r} must be a string or an integer, got {type(value).__name__}")
+    text = str(value).strip()
+    if not text:
+        raise ValueError(f"empty route in field {route_field!r}")
+    return text
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, int], Any]]:
     """(location text, position meta, parsed row) per non-blank line; a .json file may hold one array."""
     raw = path.read_bytes()
@@ -152,7 +165,8 @@ def _iter_parquet(path: Path, columns: Iterable[str]) -> Iterator[tuple[str, dic
 
 def load_prompt_file(path: str | os.PathLike[str], *, prompt_field: str = "prompt",
                      answer_fields: Sequence[str] = _DEFAULT_ANSWER_FIELDS, limit: int | None = None,
-                     require_answer: bool = True, dedupe: bool = False) -> list[Problem]:
+                     require_answer: bool = True, dedupe: bool = False,
+                     route_field: str | None = None) -> list[Problem]:
     """Load prompts and reference answers from a JSONL (``.jsonl``/``.json``) or Parquet file.
 
     Accepted row shapes (fields may be dotted paths into nested objects, e.g. "reward_model.ground_truth"):
@@ -172,6 +186,8 @@ def load_prompt_file(path: str | os.PathLike[str], *, prompt_field: str = "promp
         require_answer: Raise if a row has no answer. With False such rows get ``answer=""`` and
             ``meta["has_answer"] = False`` (fine for distillation, which needs no labels).
         dedupe: Skip rows whose prompt text was already seen (DAPO-Math-17k repeats each prompt many times).
+        route_field: Field holding each row's route (multi-teacher routing, a string or integer; dotted paths
+            allowed), kept as ``meta["route"]`` (a string); a row without one is an error.
 
     Raises:
         FileNotFoundError, ImportError (Parquet without pyarrow), PromptFileError naming the file, the
@@ -186,7 +202,8 @@ def load_prompt_file(path: str | os.PathLike[str], *, prompt_field: str = "promp
     if suffix in (".jsonl", ".json"):
         rows = _iter_jsonl(file)
     elif suffix in (".parquet", ".pq"):
-        top_level = [prompt_field.split(".")[0], *_CONVERSATION_FIELDS, *(f.split(".")[0] for f in answer_fields)]
+        top_level = [prompt_field.split(".")[0], *_CONVERSATION_FIELDS, *(f.split(".")[0] for f in answer_fields),
+                     *([route_field.split(".")[0]] if route_field else [])]
         rows = _iter_parquet(file, top_level)
     else:
         raise PromptFileError(f"{file}: unsupported prompt file type {file.suffix!r} (use .jsonl, .json or .parquet)")
@@ -201,6 +218,7 @@ def load_prompt_file(path: str | os.PathLike[str], *, prompt_field: str = "promp
         try:
             prompt = _extract_prompt(row, prompt_field)
             answer = _extract_label(row, answer_fields)
+            route = _extract_route(row, route_field) if route_field else None
         except (ValueError, TypeError) as err:
             raise PromptFileError(f"{location}: {err}") from None
         if answer is None and require_answer:
@@ -216,5 +234,7 @@ def load_prompt_file(path: str | os.PathLike[str], *, prompt_field: str = "promp
         for key in ("data_source", "id", "ability"):
             if isinstance(row.get(key), (str, int)):
                 meta[key] = row[key]
+        if route is not None:
+            meta["route"] = route
         problems.append(Problem(prompt=prompt, answer=answer or "", meta=meta))
     return problems

@@ -32,13 +32,16 @@ def load_problems(cfg: Any) -> dict[str, list[arithmetic.Problem]]:
             out[split] = [probs[i] for i in rng.permutation(len(probs))]
         return out
     sources = {"sft": t.sft_prompt_file or t.prompt_file, "opd": t.opd_prompt_file or t.prompt_file}
+    route_field = cfg.routing.field  # multi-teacher runs: every row names its route (meta["route"])
     rows: dict[str, list[arithmetic.Problem]] = {}
     for path in dict.fromkeys(sources.values()):  # each distinct file once, in a seeded order
         # SFT prompts need no reference answer (the teacher answers them; e.g. OpenThoughts3 has none).
-        loaded = prompt_files.load_prompt_file(path, dedupe=True, require_answer=path == sources["opd"])
+        loaded = prompt_files.load_prompt_file(path, dedupe=True, require_answer=path == sources["opd"],
+                                               route_field=route_field)
         rows[path] = [loaded[i] for i in np.random.default_rng(t.seed).permutation(len(loaded))]
     if t.eval_prompt_file:
-        evals = prompt_files.load_prompt_file(t.eval_prompt_file, dedupe=True)[: t.num_eval_prompts]
+        evals = prompt_files.load_prompt_file(t.eval_prompt_file, dedupe=True,
+                                              route_field=route_field)[: t.num_eval_prompts]
     else:  # held out from the OPD source: eval measures the distribution OPD trains on
         evals, rows[sources["opd"]] = rows[sources["opd"]][: t.num_eval_prompts], rows[sources["opd"]][t.num_eval_prompts:]
     eval_prompts = {p.prompt for p in evals}

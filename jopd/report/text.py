@@ -25,6 +25,7 @@ from jopd.report.gather import (
     stage_done,
     store_tokens,
 )
+from jopd.report.routes import routes_section, sft_teacher_label
 from jopd.report.stats import compare_accuracy
 
 __all__ = ["findings", "render_report"]
@@ -52,7 +53,7 @@ def findings(cfg: Config, arms: list[ArmInfo], results: dict[str, Any],
     if base.get("accuracy") is not None and sft_acc is not None:
         cmp = compare_accuracy(sft_acc, base["accuracy"], n, sft.get("per_prompt_accuracy"),
                                base.get("per_prompt_accuracy"))
-        out.append(f"SFT on teacher {cfg.sft_teacher}'s responses {cmp} "
+        out.append(f"SFT on teacher {sft_teacher_label(cfg)}'s responses {cmp} "
                    "over the base student.")
     for arm in arms:
         label = f"{'Lightning' if arm.mode == 'lightning' else 'Online'} OPD arm {arm.name} (teacher {arm.teacher})"
@@ -67,7 +68,7 @@ def findings(cfg: Config, arms: list[ArmInfo], results: dict[str, Any],
              "over the SFT student")
         if kl is not None and sft_kl is not None:
             direction = "lowered" if kl < sft_kl else "raised"
-            s += (f"; it {direction} the reverse KL to teacher {cfg.sft_teacher} from {sft_kl:.4f} to "
+            s += (f"; it {direction} the reverse KL to teacher {sft_teacher_label(cfg)} from {sft_kl:.4f} to "
                   f"{kl:.4f} per token")
         out.append(s + ".")
     for teacher, sp in speedups.items():
@@ -100,8 +101,8 @@ def findings(cfg: Config, arms: list[ArmInfo], results: dict[str, Any],
         verdict = "ended worse than" if len(worse) == len(peer_accs) else (
             "ended worse than some of" if worse else "did not end worse than")
         out.append(f"Inconsistent-teacher arm {arm.name} (teacher {arm.teacher}, not the SFT-data teacher "
-                   f"{cfg.sft_teacher}) {verdict} the consistent {arm.mode} arm(s): accuracy {acc:.3f} vs "
-                   f"{peers_txt}. (Its reverse KL is measured to teacher {cfg.sft_teacher}, not to the teacher "
+                   f"{sft_teacher_label(cfg)}) {verdict} the consistent {arm.mode} arm(s): accuracy {acc:.3f} vs "
+                   f"{peers_txt}. (Its reverse KL is measured to teacher {sft_teacher_label(cfg)}, not to the teacher "
                    "it was distilled toward.)")
     if not inconsistent:
         out.append("No arm used an inconsistent teacher, so teacher consistency was not tested in this run.")
@@ -122,9 +123,9 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
     n_dev, dev_kind = device_info(cfg, layout)
     speedups = compute_speedups(layout, arms)
     kl_teacher = next((r.get("kl_teacher") for r in results.values() if r.get("kl_teacher")),
-                      cfg.eval.kl_teacher or cfg.sft_teacher)
+                      cfg.eval.kl_teacher or sft_teacher_label(cfg))
     lines = [f"# jopd report: {layout.root.name}", "",
-             f"Run directory `{layout.root}`. SFT-data teacher: **{cfg.sft_teacher}**. Devices: {n_dev} x "
+             f"Run directory `{layout.root}`. SFT-data teacher: **{sft_teacher_label(cfg)}**. Devices: {n_dev} x "
              f"{dev_kind}; device-seconds = wall seconds x {n_dev}.", ""]
     if not results:
         lines += ["_No evaluation results (`eval/results.json` is missing): run the eval stage._", ""]
@@ -154,7 +155,7 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
 
     if "base" in results:
         lines.append(row("base", "initial student", "-", "-", results["base"], None, None))
-    lines.append(row("sft", "SFT student", cfg.sft_teacher, "-", results.get("sft"),
+    lines.append(row("sft", "SFT student", sft_teacher_label(cfg), "-", results.get("sft"),
                      first_number(sft_out, ("train_seconds",)) or first_number(sft_done, ("seconds",)),
                      first_number(sft_out, ("tokens",)), missing="not evaluated" if sft_done else "not trained"))
     for t in cfg.teachers:
@@ -229,7 +230,9 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
               "| arm | mode | teacher | SFT-data teacher | consistent |", "|---|---|---|---|---|"]
     for a in arms:
         cons = {True: "yes", False: "no (ablation)", None: "unknown (no arms/NAME/meta.json)"}[a.consistent]
-        lines.append(f"| {a.name} | {a.mode} | {a.teacher} | {cfg.sft_teacher} | {cons} |")
+        lines.append(f"| {a.name} | {a.mode} | {a.teacher} | {sft_teacher_label(cfg)} | {cons} |")
+
+    lines += routes_section(cfg, layout, results, arms)  # multi-teacher runs: every route against its teacher
 
     # --- findings ------------------------------------------------------------------------------------------
     found = findings(cfg, arms, results, speedups)

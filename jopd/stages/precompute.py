@@ -5,7 +5,10 @@ group of ``RUN_DIR/rollout/store`` plus the teacher group -- ``teacher_logprobs`
 tokens_<t) at temperature 1, at response positions, 0 elsewhere) and, when ``precompute.topk`` > 0, the teacher's
 top-k (ids, log-probs) per response position. Attributes are the rollout store's plus ``teacher_name``,
 ``teacher_fingerprint``, ``teacher_tokenizer_fingerprint``, ``source_store``, ``source_store_fingerprint``,
-``logprob_temperature`` (1.0) and ``topk``. The copy is created aside and renamed into place. The storage
+``logprob_temperature`` (1.0) and ``topk``. Multi-teacher runs (``routing.field``): a teacher's store holds only
+the rollouts of the routes it is given (``jopd.multi_teacher.scored_routes``), route after route (routes sorted,
+rows in rollout order), and its attrs add ``routing_field`` and ``routes`` ({route: [first row, end row]}). The
+copy is created aside and renamed into place. The storage
 cost of the teacher group (``4 + 8 k`` bytes per response token; see :func:`storage_cost`) is logged and
 returned per teacher (``storage``).
 
@@ -28,6 +31,8 @@ from tqdm.auto import tqdm
 
 from jopd.data import tokenizer as toklib
 from jopd.data.store import RolloutStore, StoreError
+from jopd.io import read_jsonl
+from jopd.multi_teacher import prompt_routes, scored_routes
 from jopd.pipeline import (
     Run,
     StageError,
@@ -73,8 +78,11 @@ def inputs(run: Run) -> dict[str, Any]:
     pc = run.cfg.precompute
     rollout = run.upstream("rollout")
     # batch_size fixes the compiled batch shape, hence the exact floating-point results.
+    # Multi-teacher runs: the routes whose rollouts each teacher scores (one-teacher runs keep their fingerprint).
+    routes = {"routes": scored_routes(run.cfg)} if run.cfg.routing.enabled else {}
     return {"teachers": {n: run.fingerprint(run.layout.teacher(n)) for n in pc.teachers}, "topk": pc.topk,
-            "batch_size": pc.batch_size, "numerics": numerics_inputs(run.cfg, logits_chunked=True), "rollout": rollout}
+            "batch_size": pc.batch_size, "numerics": numerics_inputs(run.cfg, logits_chunked=True), "rollout": rollout,
+            **routes}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -93,24 +101,52 @@ def execute(run: Run) -> dict[str, Any]:
         raise StageError(f"precompute: {src_path} was sampled with tokenizer {src.attrs.get('tokenizer_fingerprint')}, "
                          f"but the run tokenizer ({run.layout.tokenizer}) is {run_tok_fp}")
     src_fp = store_fingerprint(src_path)
-    return {"teachers": {name: _score(run, name, src, src_fp) for name in run.cfg.precompute.teachers}}
+    rows = _routed_rows(run, src) if run.cfg.routing.enabled else {}
+    return {"teachers": {name: _score(run, name, src, src_fp, rows.get(name)) for name in run.cfg.precompute.teachers}}
 
 
-def _score(run: Run, name: str, src: RolloutStore, src_fp: str) -> dict[str, Any]:
+def _routed_rows(run: Run, src: RolloutStore) -> dict[str, dict[str, list[int]]]:
+    """Multi-teacher runs: teacher -> {route: the rollout rows of the route's prompts, ascending}, for the routes
+    the teacher scores (jopd.multi_teacher.scored_routes)."""
+    path = run.layout.prompts("opd")
+    try:
+        routes = prompt_routes(read_jsonl(path), run.cfg, str(path))
+    except ValueError as e:
+        raise StageError(f"precompute: {e}") from e
+    prompt_index = src.read_rows(range(src.num_rows), ["prompt_index"])["prompt_index"]
+    row_route = np.asarray(routes)[prompt_index]
+    return {teacher: {r: np.flatnonzero(row_route == r).tolist() for r in rs}
+            for teacher, rs in scored_routes(run.cfg).items()}
+
+
+def _score(run: Run, name: str, src: RolloutStore, src_fp: str,
+           routed: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Teacher ``name``'s store: every rollout row, or (``routed``: route -> rollout rows) the rows of its routes,
+    route after route."""
     pc, layout = run.cfg.precompute, run.layout
     attrs = {**src.attrs, "teacher_name": name, "teacher_fingerprint": run.fingerprint(layout.teacher(name)),
              "teacher_tokenizer_fingerprint": check_tokenizer(run, layout.teacher(name), f"teacher {name!r}"),
              "source_store": layout.relative(src.path), "source_store_fingerprint": src_fp,
              "logprob_temperature": 1.0, "topk": pc.topk}
+    source_rows = np.arange(src.num_rows)
+    if routed is not None:
+        spans, lo = {}, 0
+        for route, rows in routed.items():
+            spans[route] = [lo, lo + len(rows)]
+            lo += len(rows)
+        source_rows = np.asarray([i for rows in routed.values() for i in rows], np.int64)
+        attrs.update(routing_field=run.cfg.routing.field, routes=spans)
+        log.info("precompute: teacher %s scores the rollouts of route(s) %s (%d of %d rows)", name,
+                 ", ".join(f"{r} ({hi - lo})" for r, (lo, hi) in spans.items()), len(source_rows), src.num_rows)
     path = layout.teacher_store(name)
-    store = open_or_create_store(run, path, attrs=attrs, num_rows=src.num_rows, max_len=src.max_len,
+    store = open_or_create_store(run, path, attrs=attrs, num_rows=len(source_rows), max_len=src.max_len,
                                  rows_per_chunk=src.rows_per_chunk, topk=pc.topk)
 
     # 1. The rollout group, copied chunk by chunk (pure I/O: each process copies the chunks it owns).
     pid, nproc = jax.process_index(), jax.process_count()
     fields = store.group_fields("rollout")
     for c in store.pending_chunks("rollout", process_index=pid, process_count=nproc):
-        store.write_rollout_chunk(c, **src.read_rows(range(*store.chunk_rows(c)), fields))
+        store.write_rollout_chunk(c, **src.read_rows(source_rows[slice(*store.chunk_rows(c))], fields))
     barrier(f"precompute-{name}-copied")
 
     # 2. Teacher scores of the pending chunks, in fixed [batch, length] shapes.
@@ -154,7 +190,8 @@ def _score(run: Run, name: str, src: RolloutStore, src_fp: str) -> dict[str, Any
                "response_tokens": total, "tokens_scored_this_run": scored,
                "tokens_per_s": float(scored / seconds) if scored and seconds > 0 else None, "seconds": seconds,
                "mean_teacher_logprob": lp_sum / total if total else None, "scored_length": shape.length,
-               "chunks_verified": counts, "storage": storage_cost(store, total)}
+               "chunks_verified": counts, "storage": storage_cost(store, total),
+               **({"routes": attrs["routes"]} if routed is not None else {})}
     log.info("precompute: teacher %s: %d response tokens, mean log-prob %.4f", name, total,
              summary["mean_teacher_logprob"] or float("nan"))
     cost = summary["storage"]

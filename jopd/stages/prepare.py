@@ -2,7 +2,8 @@
 
 - tokenizer: the configured one, else the student's, else a character tokenizer built for the arithmetic task;
 - prompts/{sft,opd,eval}.jsonl: ``{"prompt", "label", "prompt_ids"}`` (chat-templated ids: the exact ids every
-  later stage uses; text is never re-tokenised downstream);
+  later stage uses; text is never re-tokenised downstream), plus ``"route"`` in multi-teacher runs
+  (``routing.field``; jopd.data.routing.assign_routes refuses unmapped routes and routes without prompts);
 - teachers/NAME: in-run teachers (``init`` set) are trained from scratch (``jopd.training.supervised``) on
   solutions written in their ``style``, saved as HF directories and loaded back like any teacher;
 - student_base: a from-scratch student, randomly initialised or seeded from a teacher's embedding, norms and
@@ -20,6 +21,7 @@ import numpy as np
 
 from jopd.data import arithmetic
 from jopd.data import tokenizer as toklib
+from jopd.data.routing import ROUTE, assign_routes
 from jopd.data.splits import load_problems
 from jopd.data.store import write_sequences
 from jopd.io import atomic_write_json, atomic_write_jsonl
@@ -120,8 +122,9 @@ def inputs(run: Run) -> dict[str, Any]:
     external = {f"teacher:{n}": run.fingerprint(t.path) for n, t in c.teachers.items() if t.path}
     if c.student.path:
         external["student"] = run.fingerprint(c.student.path)
+    routing = {"routing": c.routing} if c.routing.enabled else {}  # one-teacher runs keep their fingerprint
     return {"seed": c.seed, "tokenizer": c.tokenizer, "task": c.task, "teachers": c.teachers,
-            "student": c.student, "param_dtype": c.precision.param_dtype, "external_models": external}
+            "student": c.student, "param_dtype": c.precision.param_dtype, "external_models": external, **routing}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -133,12 +136,17 @@ def execute(run: Run) -> dict[str, Any]:
     tok = run.tokenizer
 
     problems = load_problems(cfg)
+    routes = {split: [None] * len(probs) for split, probs in problems.items()}
+    if cfg.routing.enabled:  # multi-teacher: every prompt's route, each with a teacher and prompts in every split
+        routes = assign_routes(problems, task_kind=cfg.task.kind, field=cfg.routing.field,
+                               routes=cfg.routing.teachers)
     encoded = {split: [toklib.encode_chat_prompt(tok, p.prompt) for p in probs] for split, probs in problems.items()}
     _refuse_unknown_tokens(tok, problems, encoded)
     if run.is_main:
         for split, probs in problems.items():
             atomic_write_jsonl(layout.prompts(split), [
-                {"prompt": p.prompt, "label": p.answer, "prompt_ids": ids} for p, ids in zip(probs, encoded[split])])
+                {"prompt": p.prompt, "label": p.answer, "prompt_ids": ids, **({ROUTE: r} if r is not None else {})}
+                for p, ids, r in zip(probs, encoded[split], routes[split])])
 
     summary: dict[str, Any] = {"teachers": {}}
     for name, t in cfg.teachers.items():
@@ -164,6 +172,8 @@ def execute(run: Run) -> dict[str, Any]:
     summary["student_base"] = {"path": str(student_dir), "fingerprint": run.fingerprint(student_dir)}
     summary["tokenizer"] = {"path": str(layout.tokenizer), "fingerprint": toklib.tokenizer_fingerprint(tok)}
     summary["prompts"] = {k: len(v) for k, v in problems.items()}
+    if cfg.routing.enabled:
+        summary["prompts_per_route"] = {split: {r: rs.count(r) for r in sorted(set(rs))} for split, rs in routes.items()}
     if run.is_main:
         atomic_write_json(layout.stage("prepare") / "summary.json", summary)
     return summary

@@ -13,7 +13,9 @@ from jopd.report import UPSTREAM, write_report
 def inputs(run: Run) -> dict[str, Any]:
     upstream = {s: read_json(run.layout.done(s))["fingerprint"] if run.layout.done(s).is_file() else None
                 for s in UPSTREAM}
-    return {"upstream": upstream, "arms": run.cfg.arms, "sft_teacher": run.cfg.sft_teacher}
+    routing = {"routing": run.cfg.routing, "routes": {a.name: a.routes(run.cfg.routing) for a in run.cfg.arms}} \
+        if run.cfg.routing.enabled else {}  # multi-teacher runs only: one-teacher runs keep their fingerprint
+    return {"upstream": upstream, "arms": run.cfg.arms, "sft_teacher": run.cfg.sft_teacher, **routing}
 
 
 def execute(run: Run) -> dict[str, Any]:

@@ -5,7 +5,8 @@ and ``heldout_store`` (a seeded ``sft.holdout_fraction`` of them) -- read throug
 rollouts (padded or packed batches, ``sft.token_budget``), and ``jopd.training.supervised`` trains on them:
 response-token cross-entropy, AdamW with warm-up/decay and clipping, Orbax checkpoints that hold the loader's
 position, the held-out loss at step 0, every ``sft.eval_every`` steps and at the end. Writes ``sft/model`` (HF)
-and ``sft/meta.json`` with the SFT-data teacher's name and fingerprint (the teacher-consistency record).
+and ``sft/meta.json`` with the SFT-data teacher's name and fingerprint (the teacher-consistency record; multi-teacher
+runs: ``sft_teachers``, every route's teacher and fingerprint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from jopd.data.store import write_sequences
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.models import save_pretrained
+from jopd.multi_teacher import sft_teachers_record
 from jopd.pipeline import Run, StageError, barrier
 from jopd.training import supervised
 
@@ -53,16 +55,18 @@ def execute(run: Run) -> dict[str, Any]:
         if held:
             write_sequences(heldout_store, [rows[i]["prompt_ids"] for i in held], [rows[i]["response_ids"] for i in held])
     barrier("sft-stores")
+    who = {"sft_teacher_name": td_meta.get("teacher_name"), "sft_teacher_fingerprint": td_meta.get("teacher_fingerprint")}
+    if "teachers" in td_meta:  # multi-teacher: each route's SFT data has its own teacher
+        who = sft_teachers_record(td_meta["teachers"])
     model = run.load_model(layout.student_base)
-    log.info("sft: %d examples from teacher %s", len(rows), td_meta.get("teacher_name"))
+    log.info("sft: %d examples from teacher %s", len(rows), who["sft_teacher_name"])
     model, summary = supervised(model, train_store=layout.sft_store, heldout_store=heldout_store if held else None,
                                 loop=cfg.sft, optim=cfg.sft.optim, seed=cfg.seed, ckpt_dir=layout.sft_ckpt,
                                 logger=run.metrics_logger("sft"), name="sft",
                                 hooks=run.hooks)
     save_pretrained(model, layout.sft_model, tokenizer_dir=str(layout.tokenizer))
     barrier("sft-export")
-    meta = {"sft_teacher_name": td_meta.get("teacher_name"), "sft_teacher_fingerprint": td_meta.get("teacher_fingerprint"),
-            "model_fingerprint": run.fingerprint(layout.sft_model), "model_path": str(layout.sft_model),
+    meta = {**who, "model_fingerprint": run.fingerprint(layout.sft_model), "model_path": str(layout.sft_model),
             "examples": len(rows), "train_examples": len(train), "heldout_examples": len(held), **summary}
     if run.is_main:
         atomic_write_json(layout.sft_meta, meta)
