@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -19,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of a user error too (it always goes to RUN_DIR/run.log)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. opd.steps=10 arms.0.teacher=B")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after the options
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -33,8 +35,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jopd.models.config import ConfigError
     from jopd.models.hf import CheckpointError
     from jopd.pipeline import StageError
+    from jopd.preflight import PreflightError
 
-    return (ConfigValidationError, ConfigError, CheckpointError, VocabMismatchError, PromptFileError, StoreError,
+    return (ConfigValidationError, PreflightError, ConfigError, CheckpointError, VocabMismatchError, PromptFileError, StoreError,
             StageError, OSError, yaml.YAMLError)
 
 
@@ -47,7 +50,9 @@ def _user_error_message(err: BaseException) -> str:
     return str(err)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[Any] = ()) -> int:
+    """The CLI. ``hooks``: extra ``jopd.loop.Hook`` objects every training loop of the run also calls (a
+    profiler, a tracker, a fault injector), for callers that start a run from Python."""
     args = parse_args(argv)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S")
@@ -81,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                                 ("process_id", d.process_id)) if v is not None}
         jax.distributed.initialize(**kw, heartbeat_timeout_seconds=d.heartbeat_timeout_s)
     if jax.process_count() == 1:
-        return _run(cfg, log, fmt, debug=args.debug)
+        return _run(cfg, log, fmt, debug=args.debug, hooks=hooks)
     try:
-        code = _run(cfg, log, fmt, debug=args.debug)
+        code = _run(cfg, log, fmt, debug=args.debug, hooks=hooks)
     except BaseException:  # noqa: BLE001 - a programming error: shown, then the same fast exit as below
         traceback.print_exc()
         code = 1
@@ -112,10 +117,10 @@ def _should_initialize(section) -> bool:
     return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
 
 
-def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False) -> int:
+def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False, hooks: Sequence[Any] = ()) -> int:
     import jax
 
-    from jopd import sharding
+    from jopd import preflight, sharding
     from jopd.config import to_dict
     from jopd.io import atomic_write_json
     from jopd.loop import TrainingError
@@ -134,7 +139,8 @@ def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False) -> int:
     summary = {}
     lock = None
     try:
-        run = Run.create(cfg, mesh, config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        preflight.check(cfg)  # before anything is written: a refused run leaves the run directory as it was
+        run = Run.create(cfg, mesh, hooks=tuple(hooks), config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if run.is_main:
             lock = RunDirLock(run.layout.root / ".lock")
             lock.acquire()

@@ -32,7 +32,7 @@ import jax
 from jopd.config import Config
 from jopd.io import atomic_write_json, atomic_write_text, read_json
 from jopd.layout import RunLayout
-from jopd.loop import MetricsLogger, TrainingError, WandbTarget
+from jopd.loop import MetricsLogger, WandbTarget
 
 log = logging.getLogger("jopd")
 
@@ -57,31 +57,22 @@ def _hash_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model_dir: str | os.PathLike, cache_path: str | os.PathLike | None = None) -> str:
+def model_fingerprint(model_dir: str | os.PathLike, cache: dict[str, str] | None = None) -> str:
     """Identity of a model: sha256 over its config.json and every safetensors file's content.
 
-    Hashing a large model takes a while, so per-file hashes are cached in ``cache_path`` keyed by
-    (path, size, mtime).
+    Hashing a large model takes a while, so per-file hashes can be kept in ``cache`` (updated in place), keyed
+    by (path, size, mtime).
     """
     model_dir = Path(model_dir)
     files = sorted([model_dir / "config.json"] + list(model_dir.glob("*.safetensors")))
-    cache: dict[str, Any] = {}
-    if cache_path and Path(cache_path).is_file():
-        try:
-            cache = read_json(cache_path)
-        except (OSError, ValueError):
-            cache = {}
+    cache = {} if cache is None else cache
     h = hashlib.sha256()
-    changed = False
     for f in files:
         st = f.stat()
         key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         if key not in cache:
             cache[key] = _hash_file(f)
-            changed = True
         h.update(f.name.encode() + b"\0" + cache[key].encode())
-    if cache_path and changed and jax.process_index() == 0:
-        atomic_write_json(cache_path, cache)
     return h.hexdigest()
 
 
@@ -230,7 +221,26 @@ class Run:
         return load_tokenizer(str(self.layout.tokenizer))
 
     def fingerprint(self, model_dir: str | os.PathLike) -> str:
-        return model_fingerprint(model_dir, self.layout.fingerprint_cache)
+        return model_fingerprint(model_dir, self._fingerprint_cache)
+
+    @functools.cached_property
+    def _fingerprint_cache(self) -> dict[str, str]:
+        """Per-file model hashes (RUN_DIR/fingerprint_cache.json), read once; written back only when a stage
+        runs (:meth:`save_fingerprint_cache`), so a refused or all-skipped invocation changes no file."""
+        try:
+            cache = read_json(self.layout.fingerprint_cache)
+            return cache if isinstance(cache, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def save_fingerprint_cache(self) -> None:
+        if self.is_main and self._fingerprint_cache:
+            try:
+                saved = read_json(self.layout.fingerprint_cache)
+            except (OSError, ValueError):
+                saved = None
+            if saved != self._fingerprint_cache:
+                atomic_write_json(self.layout.fingerprint_cache, self._fingerprint_cache)
 
     def done_record(self, stage: str) -> dict[str, Any]:
         path = self.layout.done(stage)
@@ -322,18 +332,17 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
     if run.is_main:
         if run.config_text is not None:
             atomic_write_text(layout.config_yaml, run.config_text)
+        run.save_fingerprint_cache()
         atomic_write_json(layout.started(stage.name), {"fingerprint": fp, "inputs": inputs,
                                                         "inputs_detail": detail, "time": time.time()})
     barrier(f"{stage.name}-start")
     t0 = time.time()
     log.info("stage %s: running", stage.name)
-    try:
-        outputs = stage.run(run) or {}
-    except TrainingError as e:
-        raise StageError(str(e)) from e
+    outputs = stage.run(run) or {}  # a TrainingError (non-finite loss) propagates: a failed run, not bad input
     seconds = time.time() - t0
     barrier(f"{stage.name}-end")
     if run.is_main:
+        run.save_fingerprint_cache()
         manifest = output_manifest(stage, run)
         atomic_write_json(layout.done(stage.name), {"fingerprint": fp, "inputs": inputs, "inputs_detail": detail,
                                                      "outputs": outputs, "manifest": manifest,

@@ -21,7 +21,7 @@ from jopd.data import tokenizer as toklib
 from jopd.data.store import RolloutStore, write_sequences
 from jopd.io import atomic_write_json, read_json
 from jopd.layout import RunLayout
-from jopd.loop import Hook, MetricsLogger
+from jopd.loop import Hook, MetricsLogger, TrainingError
 from jopd.models import from_params, init_params, load_pretrained, save_pretrained
 from jopd.pipeline import Run, StageError, run_stage
 from jopd.stages import online as online_mod
@@ -301,7 +301,7 @@ def test_nan_teacher_logprob_names_the_step(tmp_path: Path, assets: Path, mesh) 
     for c in range(store.num_chunks):
         # write_teacher_chunk rightly refuses NaN; go underneath it to simulate a bad scorer with a valid marker.
         store._commit("teacher", c, {"teacher_logprobs": lp[c * RPC:(c + 1) * RPC]})
-    with pytest.raises(StageError, match=r"arm 'light'.*step 1.*store rows \["):
+    with pytest.raises(TrainingError, match=r"arm 'light'.*step 1.*store rows \["):
         run_stage(stage("train"), ctx)
 
 

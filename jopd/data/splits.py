@@ -59,3 +59,16 @@ def load_problems(cfg: Any) -> dict[str, list[arithmetic.Problem]]:
     else:
         opd = rows[sources["opd"]][: t.num_opd_prompts]
     return {"sft": sft, "opd": opd, "eval": evals}
+
+
+def heldout_count(n: int, fraction: float) -> int:
+    """How many of ``n`` examples a held-out ``fraction`` takes: at least one when a fraction > 0 is asked and
+    n > 1, never all of them."""
+    return min(max(int(round(n * fraction)), 1 if fraction > 0 else 0), n - 1) if n > 1 else 0
+
+
+def heldout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, held-out) row indices, ``heldout_count(n, fraction)`` of them held out."""
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    k = heldout_count(n, fraction)
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())

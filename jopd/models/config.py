@@ -249,6 +249,9 @@ class ModelConfig:
                 hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_path}: invalid JSON: {e}") from e
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{cfg_path}: expected a JSON object (a Hugging Face model config), got "
+                              f"{type(hf).__name__}")
         return cls.from_hf_dict(hf, source=cfg_path, **runtime)
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from jopd import sharding
 from jopd.io import current_umask
-from jopd.models.config import ModelConfig
+from jopd.models.config import ConfigError, ModelConfig
 from jopd.models.decoder import param_shapes, param_shardings
 
 _ST_DTYPES = {
@@ -100,6 +100,10 @@ class SafetensorsReader:
 
     def keys(self) -> set[str]:
         return set(self._entries)
+
+    def info(self, key: str) -> dict:
+        """The header entry of ``key``: {"dtype", "shape", "data_offsets"} (no data read)."""
+        return self._entries[key][2]
 
     def get(self, key: str) -> np.ndarray:
         if key not in self._entries:
@@ -222,6 +226,64 @@ def _slice_key(idx: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...
     return tuple((s.start or 0, shape[d] if s.stop is None else s.stop) for d, s in enumerate(idx))
 
 
+def _hf_shape(rule: _Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape the config implies for one layer / expert of a jopd param of ``shape``."""
+    lead = (1 if rule.per_layer else 0) + (1 if rule.per_expert else 0)
+    return tuple(rule.to_hf(np.zeros(shape[lead:], np.int8)).shape)
+
+
+def checkpoint_problems(path: str | os.PathLike) -> list[str]:
+    """What would stop :func:`load_pretrained` from loading ``path``, found from config.json and the safetensors
+    headers alone (no tensor data is read): a config.json that does not parse or names an unsupported
+    architecture, missing or truncated safetensors files, missing / unexpected tensors, tensors whose shape
+    differs from the one the config implies (also when only the layout differs, e.g. stored transposed), and
+    dtypes that are not floating point. Empty when the directory loads."""
+    path = os.fspath(path)
+    try:
+        cfg = ModelConfig.from_pretrained(path)
+    except (ConfigError, OSError) as e:
+        return [str(e)]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a config.json of the wrong shape
+        return [f"{os.path.join(path, 'config.json')}: not a usable model config ({type(e).__name__}: {e})"]
+    try:
+        reader = SafetensorsReader(path)
+    except (CheckpointError, OSError) as e:
+        return [str(e)]
+    except (KeyError, TypeError, ValueError) as e:  # an index file of the wrong shape
+        return [f"{path}: unreadable safetensors index or header ({type(e).__name__}: {e})"]
+    problems: list[str] = []
+    try:
+        shapes = param_shapes(cfg)
+        expected_keys: set[str] = set()
+        for rule in _rules(cfg):
+            hf_shape = _hf_shape(rule, tuple(_get_path(shapes, rule.path).shape))
+            for _, hf_key in _index_units(rule, cfg):
+                expected_keys.add(hf_key)
+                if hf_key not in reader.keys():
+                    problems.append(f"{path}: tensor {hf_key} is missing (the {cfg.model_type} config.json "
+                                    f"implies it, shape {hf_shape})")
+                    continue
+                info = reader.info(hf_key)
+                if tuple(info["shape"]) != hf_shape:
+                    problems.append(f"{path}: tensor {hf_key} has shape {tuple(info['shape'])}; the config "
+                                    f"({cfg.model_type}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
+                                    f"{cfg.num_kv_heads} x {cfg.head_dim}) implies {hf_shape}")
+                if info["dtype"] not in ("F64", "F32", "F16", "BF16"):
+                    problems.append(f"{path}: tensor {hf_key} has dtype {info['dtype']}; expected a floating "
+                                    "point dtype (F32, BF16, F16 or F64)")
+        ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        unexpected = sorted(k for k in reader.keys() - expected_keys - ignorable
+                            if not k.endswith("rotary_emb.inv_freq"))
+        if unexpected:
+            problems.append(f"{path}: checkpoint has tensors this {cfg.model_type} config does not use: "
+                            f"{unexpected[:8]}" + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    finally:
+        reader.close()
+    if len(problems) > 6:
+        problems = problems[:6] + [f"{path}: ... and {len(problems) - 6} more tensor problems"]
+    return problems
+
+
 def _load_param(reader: SafetensorsReader, rule: _Rule, cfg: ModelConfig, shape: tuple[int, ...],
                 dtype: np.dtype, param_sharding) -> jax.Array:
     # Distinct shards held by this process's devices (replicas share one host buffer).
@@ -231,12 +293,10 @@ def _load_param(reader: SafetensorsReader, rule: _Rule, cfg: ModelConfig, shape:
         key = _slice_key(idx, shape)
         if key not in buffers:
             buffers[key] = np.empty(tuple(b - a for a, b in key), dtype=dtype)
-    hf_expected: tuple[int, ...] | None = None
+    hf_expected = _hf_shape(rule, shape)
     for lead, hf_key in _index_units(rule, cfg):
         raw = reader.get(hf_key)
         expected = shape[len(lead):]
-        if hf_expected is None:  # the HF shape the config implies (same for every layer / expert of this param)
-            hf_expected = tuple(rule.to_hf(np.zeros(expected, np.int8)).shape)
         # Checked before the reshape: a tensor stored transposed ([48, 24] for [24, 48]) has the right number
         # of elements and would otherwise load scrambled.
         if tuple(raw.shape) != hf_expected:

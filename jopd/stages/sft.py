@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
+from jopd.data.splits import heldout_split
 from jopd.data.store import write_sequences
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.models import save_pretrained
@@ -24,13 +23,6 @@ from jopd.pipeline import Run, StageError, barrier
 from jopd.training import supervised
 
 log = logging.getLogger("jopd")
-
-
-def heldout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, held-out) row indices; at least one of each when a fraction > 0 is asked and n > 1."""
-    perm = np.random.default_rng([seed, 7]).permutation(n)
-    k = min(max(int(round(n * fraction)), 1 if fraction > 0 else 0), n - 1) if n > 1 else 0
-    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
 def inputs(run: Run) -> dict[str, Any]:
