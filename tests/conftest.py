@@ -146,3 +146,55 @@ def tiny_shrink(teachers: str = "AB", eval_every: int = 2) -> list[str]:
         "sft.steps=8", "sft.checkpoint_every=8", "sft.batch_size=8",
         "opd.steps=2", "opd.checkpoint_every=2", f"opd.eval_every={eval_every}", "opd.log_every=1",
     ]
+
+
+# The shrunk tiny pipeline with several units per resumable step (2 rollout chunks, 2 SFT checkpoints, an arm
+# checkpoint per step): the uninterrupted reference of the fault-injection tests, and the completed run directory
+# the bad-input tests must leave byte-identical.
+FAULT_RUN_ARGS = (*tiny_shrink(), "rollout.batch_size=8", "rollout.rows_per_chunk=8", "sft.checkpoint_every=4",
+                  "opd.checkpoint_every=1")
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: one CPU device, as a user runs it (the session's XLA compilation
+    cache is inherited)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["WANDB_SILENT"] = "true"
+    return env
+
+
+@pytest.fixture(scope="session")
+def completed_tiny_run(tmp_path_factory) -> pathlib.Path:
+    """A completed run directory of configs/tiny.yaml with ``FAULT_RUN_ARGS`` (every stage). Tests must not
+    change it (copy it first)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("completed_tiny") / "run"
+    proc = subprocess.run([sys.executable, "-m", "jopd.main", "--config", "configs/tiny.yaml", "--run-dir",
+                           str(run_dir), *FAULT_RUN_ARGS], cwd=TESTS_DIR.parent, env=cli_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir
+
+
+def run_artifacts(run_dir: pathlib.Path) -> dict[str, bytes]:
+    """The deterministic artifacts of a run directory, {relative path: bytes}: every model's weights, every
+    store array chunk, the prompts and the teacher data, and the eval results without their timings (what a
+    resumed run must reproduce exactly; markers, logs and metrics carry times)."""
+    import json
+
+    out: dict[str, bytes] = {}
+    for path in sorted(run_dir.rglob("*")):
+        rel = str(path.relative_to(run_dir))
+        if not path.is_file():
+            continue
+        if (path.suffix == ".safetensors" or "/c/" in rel and "store" in rel
+                or rel.startswith(("prepare/prompts/", "teacher_data/sft.jsonl"))):
+            out[rel] = path.read_bytes()
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    for model, metrics in results.items():
+        kept = {k: v for k, v in metrics.items() if k != "path" and "second" not in k and not k.endswith("_s")} \
+            if isinstance(metrics, dict) else metrics
+        out[f"eval/results.json:{model}"] = json.dumps(kept, sort_keys=True).encode()
+    return out
