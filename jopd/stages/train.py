@@ -73,14 +73,14 @@ def _routed_source(run: Run, arm: Any) -> tuple[StoreSlices, dict[str, dict[str,
     for route, teacher in sorted(arm.routes(run.cfg.routing).items()):
         attrs = _checked_store(run, arm, teacher)
         path = run.layout.teacher_store(teacher)
+        fp = attrs["teacher_fingerprint"]
+        consistent = check_teacher_consistency(run, arm, fp, route=route, teacher=teacher)
         try:
             part = route_slices(attrs, route, path)
         except KeyError as e:
             raise StageError(f"arm {arm.name!r}: {e.args[0]}; re-run precompute (delete {path.parent})") from e
-        fp = attrs["teacher_fingerprint"]
         per_route[route] = {"teacher_name": teacher, "teacher_fingerprint": fp, "store": str(path),
-                            "rows": part[2] - part[1], "consistent_teacher": check_teacher_consistency(
-                                run, arm, fp, route=route, teacher=teacher)}
+                            "rows": part[2] - part[1], "consistent_teacher": consistent}
         parts.append(part)
     return StoreSlices(tuple(parts)), per_route
 
