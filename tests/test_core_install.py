@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import tiny_shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,8 @@ def test_core_venv_has_no_extras(core_python: str):
 def test_tiny_pipeline_runs_from_the_core_venv(core_python: str, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([core_python, "-m", "jopd.main", "--config", "configs/tiny.yaml", "--run-dir",
-                           str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           str(tmp_path / "run"), *tiny_shrink()], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "report" in summary

@@ -1,4 +1,5 @@
-"""End to end through the CLI: configs/tiny.yaml runs every stage (the demo's structure at tiny sizes)."""
+"""End to end through the CLI: configs/tiny.yaml (shrunk by conftest.tiny_shrink: the same stages and code paths,
+fewer steps and rows) runs every stage (the demo's structure at tiny sizes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +27,8 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     # W&B in offline mode: it writes its run files under RUN_DIR/wandb and never touches the network
-    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(run_dir), "logging.wandb.enabled=true",
-                "logging.wandb.mode=offline")
+    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *tiny_shrink(),
+                "logging.wandb.enabled=true", "logging.wandb.mode=offline")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -164,11 +166,11 @@ def test_export_loads_in_transformers(tiny_run: Path):
 
 
 def test_rerun_skips_and_changed_inputs_are_refused(tiny_run: Path):
-    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run))
+    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run), *tiny_shrink())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "up to date (skipped)" in proc.stderr
     before = {p: p.read_bytes() for p in tiny_run.rglob("*") if p.is_file() and p.name != "run.log"}
-    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run), "rollout.temperature=0.5",
+    proc = _cli("--config", "configs/tiny.yaml", "--run-dir", str(tiny_run), *tiny_shrink(), "rollout.temperature=0.5",
                 "--stages", "rollout")
     assert proc.returncode == 2  # a user error: the message alone, no traceback
     assert "Traceback" not in proc.stderr
