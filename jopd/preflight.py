@@ -8,7 +8,8 @@ the first minute of work, not after the stages before it have run.
   shape it implies (a tensor stored transposed is caught here), none is left over, all are floating point;
 - tokenizers: the configured directory, or the external student's (the run's tokenizer then), holds one;
 - prompt files: readable, UTF-8, well-formed rows with the required fields (``jopd.data.splits`` reads them
-  exactly as ``prepare`` will);
+  exactly as ``prepare`` will); multi-teacher runs: every prompt's route mapped to a teacher, every route with
+  prompts in every split (``jopd.data.routing.assign_routes``, the arithmetic task's problems generated for it);
 - sizes across sections: enough SFT and OPD rows for one batch of the configured size, enough in-run teacher
   examples for one pre-training batch.
 
@@ -61,13 +62,16 @@ def _tokenizer_problems(cfg: Config) -> list[str]:
 def _split_sizes(cfg: Config) -> tuple[dict[str, int], list[str]]:
     """The number of SFT / OPD / eval prompts the run will have, read as ``prepare`` reads them."""
     from jopd.data.prompt_files import PromptFileError
+    from jopd.data.routing import assign_routes
     from jopd.data.splits import load_problems
 
     t = cfg.task
-    if t.kind == "arithmetic":  # generated: exactly the configured counts (nothing to read)
+    if t.kind == "arithmetic" and not cfg.routing.enabled:  # generated: the configured counts (nothing to read)
         return {"sft": t.num_sft_prompts, "opd": t.num_opd_prompts, "eval": t.num_eval_prompts}, []
     try:
         splits = load_problems(cfg)
+        if cfg.routing.enabled:  # multi-teacher: every prompt's route has a teacher, every route has prompts
+            assign_routes(splits, task_kind=t.kind, field=cfg.routing.field, routes=cfg.routing.teachers)
     except PromptFileError as e:
         return {}, [str(e)]
     except ImportError as e:  # Parquet without pyarrow

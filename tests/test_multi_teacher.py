@@ -148,6 +148,22 @@ def test_config_checks_the_route_maps_and_keeps_one_teacher_runs_unchanged():
         check_files=False).value.problems)
 
 
+def test_routes_are_checked_before_any_stage(tmp_path):
+    from jopd import preflight
+
+    cfg = load_config(CONFIG, ["task.difficulty=[1]"], check_files=False)  # no level-2 prompts
+    assert "routing.teachers: route(s) '2' (teacher B) have no sft prompts" in "\n".join(preflight.problems(cfg))
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl(prompts, [{"prompt": f"{i}+1?", "answer": str(i + 1), **({"domain": "math"} if i != 5 else {})}
+                          for i in range(12)])
+    files = load_config(data={"task": {"kind": "prompt_file", "prompt_file": str(prompts), "num_sft_prompts": 4,
+                                       "num_opd_prompts": 4, "num_eval_prompts": 2},
+                              "routing": {"field": "domain", "teachers": {"math": "A"}},
+                              "teachers": {"A": {"path": "unused"}}, "student": {"path": "unused"},
+                              "precompute": {"teachers": ["A"]}}, check_files=False)
+    assert f"{prompts}:6: missing route field 'domain'" in "\n".join(preflight._split_sizes(files)[1])
+
+
 # ---------------------------------------------------------------------------------------------- batches
 def _store(path: Path, n: int, tag: int) -> str:
     store = RolloutStore.create(path, num_rows=n, max_len=16, rows_per_chunk=4, attrs={})

@@ -12,6 +12,7 @@ from typing import Any
 from jopd.config import Config
 from jopd.layout import RunLayout
 from jopd.report.gather import ArmInfo, one_off_cost
+from jopd.report.routes import sft_teacher_label
 
 __all__ = ["make_plots"]
 
@@ -26,8 +27,10 @@ def make_plots(cfg: Config, layout: RunLayout, arms: list[ArmInfo], results: dic
 
     out_dir = layout.plots
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher = cfg.sft_teacher
-    refs = {"SFT student": results.get("sft"), f"teacher {teacher}": results.get(f"teacher:{teacher}")}
+    teacher = sft_teacher_label(cfg)  # multi-teacher runs: the route -> teacher map, no single teacher line
+    refs = {"SFT student": results.get("sft")}
+    if not cfg.routing.enabled:
+        refs[f"teacher {teacher}"] = results.get(f"teacher:{teacher}")
     written = []
     for metric, label in (("accuracy", "held-out accuracy"), ("reverse_kl", f"reverse KL to teacher {teacher}")):
         for xkey, xlabel in (("step", "training step"), ("time_s", "wall time (s)")):
