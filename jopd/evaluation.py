@@ -4,8 +4,10 @@ Accuracy
     ``samples_per_prompt`` (k) responses per prompt (greedy by default, then k must be 1) that stop at the chat
     template's end-of-turn id or any of the model's EOS ids, decoded with ``skip_special_tokens=True`` and
     checked against the prompt's label by ``check_answer`` (the task's grader). The accuracy is the mean over
-    all responses (avg@k, the paper's metric); its standard error is taken over prompts (the k responses
-    to one prompt are not independent).
+    all responses (avg@k, the paper's metric); its standard error and 95% t interval are taken over prompts
+    (the k responses to one prompt are not independent). pass@j for j = 1, 2, 4, ... up to k (and k itself) is
+    the unbiased estimator 1 - C(k-c, j) / C(k, j) per prompt with c of its k responses correct (Chen et al.
+    2021), averaged over prompts, with its 95% t interval over prompts (``jopd.report.stats``).
 
 Reverse KL
     ``KL(π_s ‖ π_t) = E_{y ~ π_s}[Σ_t log π_s(y_t | ·) − log π_t(y_t | ·)]``, estimated on *fresh* student
@@ -30,10 +32,11 @@ from jopd.data.grading import check_answer
 from jopd.data.tokenizer import stop_ids
 from jopd.models import token_logprobs
 from jopd.models.hf import Model
+from jopd.report.stats import mean_interval, pass_at_k_estimate
 from jopd.sampling import GenerationResult, bucket, generate, sequences
 from jopd.sharding import to_host
 
-__all__ = ["evaluate_policy", "reverse_kl_estimate"]
+__all__ = ["evaluate_policy", "pass_at_k_levels", "reverse_kl_estimate"]
 
 # How many (prompt, response, correct) examples evaluate_policy returns for the report.
 NUM_SAMPLES = 4
@@ -47,6 +50,11 @@ def _pad(a: np.ndarray, rows: int, width: int) -> np.ndarray:
     a = a[:, :width]
     out[:a.shape[0], :a.shape[1]] = a
     return out
+
+
+def pass_at_k_levels(k: int) -> list[int]:
+    """The j of the pass@j a k-sample evaluation reports: 1, 2, 4, ... below k, and k."""
+    return sorted({2 ** i for i in range(k.bit_length()) if 2 ** i < k} | {k})
 
 
 def reverse_kl_estimate(teacher: Model, prompts: Sequence[Sequence[int]], student: GenerationResult, *,
@@ -101,7 +109,9 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
         generate_fn: The sampler, called like :func:`jopd.sampling.generate` (the default).
 
     Returns:
-        ``accuracy`` (avg@k), ``accuracy_se`` (standard error over prompts), ``per_prompt_accuracy`` (the
+        ``accuracy`` (avg@k), ``accuracy_se`` (standard error over prompts), ``accuracy_ci95`` (half-width of
+        its 95% t interval over prompts; None with one prompt), ``samples_per_prompt`` (k), ``pass_at_k`` and
+        ``pass_at_k_ci95`` (``{"j": value}`` for j in `pass_at_k_levels`), ``per_prompt_accuracy`` (the
         fraction of each prompt's k responses that were correct, in prompt order: paired comparisons between
         models evaluated on the same prompts), ``num_prompts``,
         ``num_responses``, ``num_correct``, ``eos_rate`` (fraction of responses that ended with a
@@ -140,11 +150,17 @@ def evaluate_policy(model: Model, prompts: Sequence[Mapping[str, Any]], tokenize
             samples.append({"prompt": prompt_text, "response": text, "label": str(row.get("label", "")),
                             "correct": ok})
     lengths = gen.lengths.astype(np.float64)
-    per_prompt = np.asarray(correct, np.float64).reshape(len(prompt_ids), k).mean(axis=1)
+    per_prompt_correct = np.asarray(correct, np.int64).reshape(len(prompt_ids), k).sum(axis=1)
+    per_prompt = per_prompt_correct / k
     n = len(per_prompt)
+    passes = {j: pass_at_k_estimate(per_prompt_correct.tolist(), k, j) for j in pass_at_k_levels(k)}
     out.update({
         "accuracy": float(per_prompt.mean()),
         "accuracy_se": float(per_prompt.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+        "accuracy_ci95": mean_interval(per_prompt.tolist()).half_width,
+        "samples_per_prompt": k,
+        "pass_at_k": {str(j): iv.mean for j, iv in passes.items()},
+        "pass_at_k_ci95": {str(j): iv.half_width for j, iv in passes.items()},
         "per_prompt_accuracy": per_prompt.tolist(),
         "num_responses": len(correct),
         "num_correct": int(np.sum(correct)),

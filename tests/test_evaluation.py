@@ -167,6 +167,15 @@ def test_avg_at_k_accuracy_and_its_standard_error(student, tok):
     assert res["per_prompt_accuracy"] == [0.75, 0.0, 1.0]
     assert res["accuracy"] == pytest.approx(7 / 12) and res["num_correct"] == 7 and res["num_responses"] == 12
     assert res["accuracy_se"] == pytest.approx(np.std([0.75, 0.0, 1.0], ddof=1) / np.sqrt(3))
+    # 95% t interval over the 3 prompts (t_{0.975, 2} = 4.302653): half-width t * se.
+    assert res["accuracy_ci95"] == pytest.approx(4.302652729911275 * res["accuracy_se"], rel=1e-9)
+    # pass@j = mean over prompts of 1 - C(4-c, j) / C(4, j) with c = 3, 0, 4 correct.
+    from math import comb
+    for j in (1, 2, 4):
+        expect = np.mean([1 - comb(4 - c, j) / comb(4, j) for c in (3, 0, 4)])
+        assert res["pass_at_k"][str(j)] == pytest.approx(expect)
+    assert res["pass_at_k"]["1"] == pytest.approx(res["accuracy"]) and res["pass_at_k"]["4"] == pytest.approx(2 / 3)
+    assert set(res["pass_at_k_ci95"]) == {"1", "2", "4"} and res["samples_per_prompt"] == 4
     # One example per prompt, not k copies of the first one.
     assert [s["prompt"] for s in res["samples"]] == [r["prompt"] for r in rows]
     with pytest.raises(ValueError, match="greedy"):
