@@ -381,14 +381,14 @@ def test_online_batches_score_every_row_with_its_routes_teacher(routed_run, mode
     names = ["1", "2"]
     route_index = [names.index(r) for r in _route_of_rows(routed_run, "opd")]
     tok = toklib.load_tokenizer(str(routed_run / "prepare" / "tokenizer"))
-    batches = OnlineBatches(prompts, models["sft"], [models["A"], models["B"]], batch_size=6, seed=0,
-                            sampling=SamplingSection(max_new_tokens=8, batch_size=6),
+    batches = OnlineBatches(prompts, models["sft"], [models["A"], models["B"]], batch_size=8, seed=0,
+                            sampling=SamplingSection(max_new_tokens=16, batch_size=8),
                             stop_ids=toklib.stop_ids(tok, models["sft"].config), routes=route_index)
     loop = types.SimpleNamespace(step=0, train_state=types.SimpleNamespace(params=models["sft"].params))
     batches.on_start(loop)
     for step in (1, 2):
         indices = batches.prompt_indices(step)
-        assert sorted(route_index[i] for i in indices) == [0, 0, 0, 1, 1, 1]  # 8 : 8 prompts, 3 + 3 per batch
+        assert sorted(route_index[i] for i in indices) == [0] * 4 + [1] * 4  # 8 : 8 prompts, 4 + 4 per batch
         batch = next(batches)
         resp = batch["response_mask"].astype(bool)
         lengths = np.array([np.flatnonzero(r).max() + 1 for r in resp])  # prompt + response
