@@ -23,8 +23,8 @@ import numpy as np
 
 from jopd.data.routing import ROUTE
 
-__all__ = ["describe_routes", "evaluate_routes", "prompt_routes", "route_inputs", "route_names", "route_slices",
-           "kl_teacher_names", "routed_teacher_info", "scored_routes", "sft_teachers_record"]
+__all__ = ["describe_routes", "evaluate_routes", "kl_teacher_names", "prompt_routes", "route_inputs", "route_names",
+           "route_slices", "routed_teacher_info", "scored_routes", "sft_teachers_record"]
 
 
 def route_names(cfg: Any) -> list[str]:
