@@ -48,7 +48,7 @@ from jopd.pipeline import (
     sft_teacher,
 )
 from jopd.sampling import generate, sequences
-from jopd.training import RefreshBatches, StoreBatches, prompt_stream, store_batches
+from jopd.training import RefreshBatches, StoreBatches, current_model, prompt_stream, store_batches
 
 log = logging.getLogger("jopd")
 
@@ -301,7 +301,7 @@ def refreshing_batches(run: Run, arm: Any, first: StoreBatches, *, student: Mode
                              f"it; delete {layout.arm(arm.name)} to re-train the arm")
         log.info("arm %s: refresh generation %d (student of step %d, %d rows)%s", arm.name, g, g * every,
                  every * batch, " already written: verifying" if complete else "")
-        policy = dataclasses.replace(student, params=loop.train_state.params)
+        policy = current_model(student, loop.train_state)
         cost, per_route, fps, consistent = GenerationCost(), {}, {}, True
         gen_seed = derive_seed(r.seed, 1_000_000 + g)
         for k, (name, path, rows, spans) in enumerate(stores):

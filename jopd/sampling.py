@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jopd import sharding
 from jopd.models.config import ModelConfig
-from jopd.models.decoder import Decoder, KVCache, output_kernel
+from jopd.models.decoder import Decoder, KVCache, decoder_variables, output_kernel
 from jopd.models.hf import Model
 
 Array = jax.Array
@@ -125,7 +125,7 @@ def _prefill(params, tokens, mask, row_ids, base_key, *, config: ModelConfig, ma
     key_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, max_new), bool)], axis=1)
     slots = jnp.arange(s)
     attn = (slots[None, :] <= jnp.arange(p)[:, None])[None] & key_valid[:, None, :]
-    hidden, cache = Decoder(config).apply({"params": params}, tokens, positions, attn, cache,
+    hidden, cache = Decoder(config).apply(decoder_variables(params), tokens, positions, attn, cache,
                                          jnp.zeros((), jnp.int32))
     logits = jnp.einsum("bd,dv->bv", hidden[:, -1], output_kernel(params, config).astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
@@ -161,7 +161,7 @@ def _decode(params, state: DecodeState, row_ids, base_key, *, config: ModelConfi
         prev = jax.lax.dynamic_index_in_dim(st.tokens, i - 1, axis=1, keepdims=True)  # [B, 1]
         key_valid = st.key_valid.at[:, slot].set(True)
         attn = ((slots <= slot)[None, None, :] & key_valid[:, None, :])
-        hidden, cache = decoder.apply({"params": params}, prev, st.next_pos[:, None], attn,
+        hidden, cache = decoder.apply(decoder_variables(params), prev, st.next_pos[:, None], attn,
                                       st.cache, slot.astype(jnp.int32))
         logits = jnp.einsum("bd,dv->bv", hidden[:, 0], w_out.astype(hidden.dtype),
                             preferred_element_type=jnp.float32)

@@ -45,6 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ()),
     ("router_out", ()),
     ("topk", ()),
+    ("lora_rank", ()),  # LoRA adapters: their other dimension shards like the base kernel's (jopd/models/lora.py)
 )
 
 

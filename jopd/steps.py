@@ -14,6 +14,13 @@ one dispatch per batch, the state donated as for the fused step), each on a mini
 against the frozen old log-probs, so the clip acts. The fused and top-k heads take the old log-probs too
 (the loss stays token-local). The default ``E = M = 1`` is the fused update above, unchanged.
 
+Frozen-base (LoRA) training (``frozen=True``): the state's params are the trainable part only (a LoRA model's
+``{"lora": adapters}``, see :mod:`jopd.models.lora`), so gradients and optimizer state exist for them alone; the
+step takes the frozen rest of the model's params as an extra argument, never donated, and the model it
+differentiates is ``{**frozen, **state.params}``. With a LoRA dropout rate, each update's dropout key is
+``fold_in(PRNGKey(dropout_seed), state.step)`` (a resumed run draws the same masks); the frozen-logprob and
+reference passes run without dropout.
+
 A non-finite loss or gradient never reaches the parameters: the update is skipped inside the step and
 ``metrics["nonfinite"]`` is set, which the caller turns into an error naming the batch.
 
@@ -186,18 +193,19 @@ TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")  # [B, T, k] batch arr
 
 
 # ---- losses on a model ---------------------------------------------------------------------------------
-def _logprobs(params: Any, config: ModelConfig, batch: Batch) -> Array:
-    """Per-token log-probs [B, T] of ``batch["tokens"]`` on the response mask; packed if the batch is."""
+def _logprobs(params: Any, config: ModelConfig, batch: Batch, rng: Array | None = None) -> Array:
+    """Per-token log-probs [B, T] of ``batch["tokens"]`` on the response mask; packed if the batch is; ``rng``:
+    LoRA dropout on (training passes only)."""
     return logprobs_fn(params, config, batch["tokens"], batch["response_mask"],
-                       segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+                       segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), dropout_rng=rng)
 
 
 def _fused_head_loss(params: Any, config: ModelConfig, batch: Batch, per_token_loss: PerTokenLoss,
-                     aux: Any) -> tuple[Array, Array]:
+                     aux: Any, rng: Array | None = None) -> tuple[Array, Array]:
     """(loss, stop-gradient log-probs [B, T]) of the batch through the fused output head (packed if the batch
     is); ``per_token_loss`` and ``aux`` as in :func:`fused_head_loss`."""
     seg = batch.get("segment_ids")
-    h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg)
+    h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg, dropout_rng=rng)
     valid = prediction_mask(batch["response_mask"], seg)
     w_out, vocab_major = stored_output_kernel(params, config)
     return fused_head_loss(h, w_out, batch["tokens"], valid, per_token_loss, aux,
@@ -205,9 +213,9 @@ def _fused_head_loss(params: Any, config: ModelConfig, batch: Batch, per_token_l
 
 
 def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig, num_tokens: Array,
-                  num_seqs: Array, ref_params: Any = None) -> tuple[Array, dict[str, Array]]:
+                  num_seqs: Array, ref_params: Any = None, rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """OPD loss of one (micro-)batch: tokens, response_mask, teacher_logprobs [+ behaviour_logprobs]
-    [+ segment_ids, positions when packed], all [B, T]."""
+    [+ segment_ids, positions when packed], all [B, T]; ``rng``: the student pass's LoRA dropout key."""
     mask = batch["response_mask"]
     seg = batch.get("segment_ids")
     old = batch.get("old_logprobs")  # several PPO updates per batch: frozen at the batch's start
@@ -227,9 +235,9 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
     )
     w_sampled = loss_cfg.loss_weights.sampled
     if loss_cfg.uses_topk:
-        return _topk_objective(params, config, batch, loss_cfg, opd_loss, num_tokens, num_seqs)
+        return _topk_objective(params, config, batch, loss_cfg, opd_loss, num_tokens, num_seqs, rng)
     if not loss_cfg.fused_head or loss_cfg.normalize_advantages:
-        loss, metrics = opd_loss(_logprobs(params, config, batch))
+        loss, metrics = opd_loss(_logprobs(params, config, batch, rng))
         return (loss if w_sampled == 1.0 else w_sampled * loss), metrics
 
     def per_token(lp: Array, a: dict[str, Array]) -> Array:
@@ -247,19 +255,19 @@ def opd_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDL
            "ref": ref}
     if old is not None:
         aux["old"] = old
-    loss, student = _fused_head_loss(params, config, batch, per_token, aux)
+    loss, student = _fused_head_loss(params, config, batch, per_token, aux, rng)
     _, metrics = opd_loss(student)
     return loss, metrics
 
 
 def _topk_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OPDLossConfig,
                     opd_loss: Callable[[Array], tuple[Array, dict[str, Array]]], num_tokens: Array,
-                    num_seqs: Array) -> tuple[Array, dict[str, Array]]:
+                    num_seqs: Array, rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """``sampled * opd_loss + sum_kind w_kind * aggregate(topk_divergence(kind))`` through the top-k head; the
     batch also carries ``teacher_topk_ids`` / ``teacher_topk_logprobs`` ``[B, T, k]``. Plain autodiff through
     the head's checkpointed chunks; metrics: the OPD ones plus ``topk_<kind>`` (response-token means)."""
     mask, seg = batch["response_mask"], batch.get("segment_ids")
-    h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg)
+    h = hidden_states(params, config, batch["tokens"], batch.get("positions"), seg, dropout_rng=rng)
     w_out, vocab_major = stored_output_kernel(params, config)
     lp, student_topk, student_tail = topk_student_logprobs(
         h, w_out, batch["tokens"], mask, batch["teacher_topk_ids"], chunk=config.logits_chunk_size,
@@ -277,42 +285,66 @@ def _topk_objective(params: Any, config: ModelConfig, batch: Batch, loss_cfg: OP
 
 
 def sft_objective(params: Any, config: ModelConfig, batch: Batch, aggregation: str, num_tokens: Array,
-                  num_seqs: Array, *, fused_head: bool = True) -> tuple[Array, dict[str, Array]]:
-    """Cross-entropy on response tokens only: tokens, response_mask [+ segment_ids, positions when packed]."""
+                  num_seqs: Array, *, fused_head: bool = True, rng: Array | None = None
+                  ) -> tuple[Array, dict[str, Array]]:
+    """Cross-entropy on response tokens only: tokens, response_mask [+ segment_ids, positions when packed];
+    ``rng``: LoRA dropout on."""
     sft_loss = functools.partial(losses.sft_loss, response_mask=batch["response_mask"], aggregation=aggregation,
                                  num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=batch.get("segment_ids"))
     if not fused_head:
-        return sft_loss(_logprobs(params, config, batch))
+        return sft_loss(_logprobs(params, config, batch, rng))
     weight = losses.token_weights(batch["response_mask"], aggregation, num_tokens=num_tokens,
                                   num_seqs=num_seqs, segment_ids=batch.get("segment_ids"))
-    loss, lp = _fused_head_loss(params, config, batch, lambda lp, w: -w * lp, weight)
+    loss, lp = _fused_head_loss(params, config, batch, lambda lp, w: -w * lp, weight, rng)
     _, metrics = sft_loss(lp)
     return loss, metrics
 
 
 # ---- the generic step ----------------------------------------------------------------------------------
-Objective = Callable[[Any, Batch, Array, Array], tuple[Array, dict[str, Array]]]
+# (trainable params, batch, num_tokens, num_seqs[, LoRA dropout key]) -> (loss, metrics); the key is passed only
+# when the step has LoRA dropout.
+Objective = Callable[..., tuple[Array, dict[str, Array]]]
 
 
-def _accumulated_grads(objective: Objective, params: Any, batch: Batch,
-                       micro_batches: int) -> tuple[Array, Any, dict[str, Array]]:
+def _dropout_key(seed: int | None, step: Array) -> Array | None:
+    """The LoRA dropout key of the update that makes optimizer step ``step + 1`` (None: no dropout)."""
+    return None if seed is None else jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
+def _dropout_seed(config: ModelConfig, seed: int) -> int | None:
+    """``seed`` when the model has LoRA dropout, else None (the step then draws no random numbers at all)."""
+    return seed if config.lora is not None and config.lora.dropout > 0 else None
+
+
+def _model_params(frozen: Any) -> Callable[[Any], Any]:
+    """The model's params from the trainable ones: ``{**frozen, **trainable}`` (frozen-base training), else
+    the trainable ones themselves."""
+    return (lambda p: p) if frozen is None else (lambda p: {**frozen, **p})
+
+
+def _accumulated_grads(objective: Objective, params: Any, batch: Batch, micro_batches: int,
+                       rng: Array | None = None) -> tuple[Array, Any, dict[str, Array]]:
     num_tokens, num_seqs = losses.loss_denominators(batch["response_mask"], batch.get("segment_ids"))
     grad_fn = jax.value_and_grad(objective, has_aux=True)
+    keyed = () if rng is None else (rng,)
     if micro_batches == 1:
-        (loss, metrics), grads = grad_fn(params, batch, num_tokens, num_seqs)
+        (loss, metrics), grads = grad_fn(params, batch, num_tokens, num_seqs, *keyed)
         return loss, grads, metrics
 
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
 
-    def body(carry, mb):
+    def body(carry, xs):
         loss_acc, grad_acc = carry
+        mb, index = xs
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
-        (loss, metrics), grads = grad_fn(params, mb, num_tokens, num_seqs)
+        key = () if rng is None else (jax.random.fold_in(rng, index),)
+        (loss, metrics), grads = grad_fn(params, mb, num_tokens, num_seqs, *key)
         grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
         return (loss_acc + loss, grad_acc), metrics
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                          (micro, jnp.arange(micro_batches)))
     # Metrics are per-micro-batch masked means: combine weighted by each micro-batch's token count.
     weights = metrics["num_tokens"] / jnp.maximum(jnp.sum(metrics["num_tokens"]), 1.0)
     combined = {}
@@ -356,8 +388,9 @@ def _apply(state: TrainState, loss: Array, grads: Any, metrics: dict[str, Array]
 
 
 def _train_step(state: TrainState, batch: Batch, *, objective: Objective, optimizer, micro_batches: int,
-                mesh) -> tuple[TrainState, dict[str, Array]]:
-    loss, grads, metrics = _accumulated_grads(objective, state.params, batch, micro_batches)
+                mesh, dropout_seed: int | None = None) -> tuple[TrainState, dict[str, Array]]:
+    loss, grads, metrics = _accumulated_grads(objective, state.params, batch, micro_batches,
+                                              _dropout_key(dropout_seed, state.step))
     return _apply(state, loss, grads, metrics, optimizer)
 
 
@@ -424,14 +457,16 @@ def _combine_updates(per: dict[str, Array], epochs: int) -> dict[str, Array]:
 
 def _ppo_step(state: TrainState, batch: Batch, *, objective: Objective, optimizer, config: ModelConfig,
               order: np.ndarray, mini_batches: int, micro_batches: int, chunk_rows: int,
-              ref_params: Any) -> tuple[TrainState, dict[str, Array]]:
+              ref_params: Any, model_params: Callable[[Any], Any] = lambda p: p,
+              dropout_seed: int | None = None) -> tuple[TrainState, dict[str, Array]]:
     """``E * M`` optimizer updates on one batch (``E, B = order.shape``): the old (and reference) log-probs
     are computed once with the batch-start params, then each epoch's rows (``order[e]``) are split into
     ``M`` mini-batches of ``B / M`` rows, one update each (its own loss denominators, ``micro_batches``-way
     accumulation inside), the PPO ratio taken against the frozen old log-probs. A ``lax.scan`` over the
-    updates; after a non-finite update the batch's later ones are skipped too."""
+    updates; after a non-finite update the batch's later ones are skipped too. ``model_params``: the model's
+    params from the state's (frozen-base training)."""
     epochs, rows = order.shape
-    full = {**batch, **_frozen_logprobs(state.params, config, batch, chunk_rows, ref_params)}
+    full = {**batch, **_frozen_logprobs(model_params(state.params), config, batch, chunk_rows, ref_params)}
     per_mb = rows // mini_batches
     if epochs == 1:  # in order: no gather
         stacked = jax.tree.map(lambda x: x.reshape((mini_batches, per_mb) + x.shape[1:]), full)
@@ -443,7 +478,8 @@ def _ppo_step(state: TrainState, batch: Batch, *, objective: Objective, optimize
 
     def body(carry, mb):
         st, bad = carry
-        loss, grads, metrics = _accumulated_grads(objective, st.params, _rows_constrained(mb), micro_batches)
+        loss, grads, metrics = _accumulated_grads(objective, st.params, _rows_constrained(mb), micro_batches,
+                                                  _dropout_key(dropout_seed, st.step))
         st, out = _apply(st, loss, grads, metrics, optimizer, skip=bad)
         return (st, bad | out["nonfinite"]), out
 
@@ -463,8 +499,8 @@ def _jit_step(fn: Callable, state: TrainState, mesh, batch_keys: tuple[str, ...]
 def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, mesh, state: TrainState,
                   batch_size: int, micro_batch_size: int | None = None, with_behaviour: bool = False,
                   with_ref: bool = False, packed: bool = False, ppo_epochs: int = 1, mini_batches: int = 1,
-                  shuffle_seed: int = 0) -> Callable:
-    """Jitted OPD step ``(state, batch[, ref_params]) -> (state, metrics)``.
+                  shuffle_seed: int = 0, frozen: bool = False, dropout_seed: int = 0) -> Callable:
+    """Jitted OPD step ``(state, batch[, frozen_params][, ref_params]) -> (state, metrics)``.
 
     batch: ``tokens`` int32, ``response_mask`` int32, ``teacher_logprobs`` f32 [+ ``behaviour_logprobs``]
     [+ ``segment_ids``, ``positions`` int32 when ``packed``], all ``[batch_size, T]`` (rows), sharded over
@@ -478,6 +514,11 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
     of the batch's start, so the clip acts; ``micro_batch_size`` then splits each mini-batch and must divide
     ``batch_size / mini_batches``. ``state.step`` counts optimizer updates, so it advances by
     ``ppo_epochs * mini_batches`` per call. Metrics: see :func:`_combine_updates`.
+
+    ``frozen``: frozen-base (LoRA) training, the step takes the model's frozen params after the batch (see the
+    module docstring; with ``with_ref`` the KL reference is typically those frozen params: the base without
+    adapters is the SFT policy). ``dropout_seed``: the LoRA dropout keys' seed (used when ``config.lora`` has a
+    dropout rate).
     """
     micro = batch_size // (micro_batch_size or batch_size)
     if ppo_epochs < 1 or mini_batches < 1:
@@ -492,43 +533,63 @@ def make_opd_step(config: ModelConfig, optimizer, loss_cfg: OPDLossConfig, *, me
                              f"(batch {batch_size} / mini_batches {mini_batches})")
         micro_per_mb = per_mb // (micro_batch_size or per_mb)
         order = mini_batch_order(batch_size, ppo_epochs, shuffle_seed)
+    seed = _dropout_seed(config, dropout_seed)
 
-    def step(state, batch, ref_params=None):
+    def step(state, batch, frozen_params=None, ref_params=None):
+        full = _model_params(frozen_params)
         if updates > 1:
             # The reference log-probs are frozen once per batch with the old ones (no ref pass per update).
-            objective = lambda p, b, nt, ns: opd_objective(p, config, b, loss_cfg, nt, ns)  # noqa: E731
+            def objective(p, b, nt, ns, rng=None):
+                return opd_objective(full(p), config, b, loss_cfg, nt, ns, rng=rng)
+
             return _ppo_step(state, batch, objective=objective, optimizer=optimizer, config=config, order=order,
                              mini_batches=mini_batches, micro_batches=micro_per_mb,
                              chunk_rows=micro_batch_size or per_mb,
-                             ref_params=ref_params if loss_cfg.kl_coef > 0 else None)
-        objective = lambda p, b, nt, ns: opd_objective(p, config, b, loss_cfg, nt, ns, ref_params)  # noqa: E731
+                             ref_params=ref_params if loss_cfg.kl_coef > 0 else None, model_params=full,
+                             dropout_seed=seed)
+
+        def objective(p, b, nt, ns, rng=None):
+            return opd_objective(full(p), config, b, loss_cfg, nt, ns, ref_params, rng=rng)
+
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
-                           mesh=mesh)
+                           mesh=mesh, dropout_seed=seed)
 
     keys = ("tokens", "response_mask", "teacher_logprobs") + (("behaviour_logprobs",) if with_behaviour else ())
     keys += TOPK_KEYS if loss_cfg.uses_topk else ()
     keys += _PACKING_KEYS if packed else ()
+    # The jitted signature: (state, batch[, frozen_params][, ref_params]).
+    if frozen and with_ref:
+        return _jit_step(step, state, mesh, keys, batch_size, extra_args=2)
+    if frozen:
+        return _jit_step(lambda s, b, f: step(s, b, f), state, mesh, keys, batch_size, extra_args=1)
     if with_ref:
-        return _jit_step(step, state, mesh, keys, batch_size, extra_args=1)
-    return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)  # no third (ref) argument
+        return _jit_step(lambda s, b, r: step(s, b, None, r), state, mesh, keys, batch_size, extra_args=1)
+    return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)
 
 
 def make_sft_step(config: ModelConfig, optimizer, *, mesh, state: TrainState, batch_size: int,
                   micro_batch_size: int | None = None, aggregation: str = "token_mean",
-                  packed: bool = False, fused_head: bool = True) -> Callable:
-    """Jitted SFT step ``(state, batch) -> (state, metrics)``; batch: tokens, response_mask
-    [+ segment_ids, positions when ``packed``] ``[B, T]``. ``fused_head=False``: the rematerialised head."""
+                  packed: bool = False, fused_head: bool = True, frozen: bool = False,
+                  dropout_seed: int = 0) -> Callable:
+    """Jitted SFT step ``(state, batch[, frozen_params]) -> (state, metrics)``; batch: tokens, response_mask
+    [+ segment_ids, positions when ``packed``] ``[B, T]``. ``fused_head=False``: the rematerialised head.
+    ``frozen`` / ``dropout_seed``: frozen-base (LoRA) training, as in :func:`make_opd_step`."""
     micro = batch_size // (micro_batch_size or batch_size)
+    seed = _dropout_seed(config, dropout_seed)
 
-    def step(state, batch):
-        def objective(p, b, nt, ns):
-            return sft_objective(p, config, b, aggregation, nt, ns, fused_head=fused_head)
+    def step(state, batch, frozen_params=None):
+        full = _model_params(frozen_params)
+
+        def objective(p, b, nt, ns, rng=None):
+            return sft_objective(full(p), config, b, aggregation, nt, ns, fused_head=fused_head, rng=rng)
 
         return _train_step(state, batch, objective=objective, optimizer=optimizer, micro_batches=micro,
-                           mesh=mesh)
+                           mesh=mesh, dropout_seed=seed)
 
-    return _jit_step(step, state, mesh, ("tokens", "response_mask") + (_PACKING_KEYS if packed else ()),
-                     batch_size)
+    keys = ("tokens", "response_mask") + (_PACKING_KEYS if packed else ())
+    if frozen:
+        return _jit_step(step, state, mesh, keys, batch_size, extra_args=1)
+    return _jit_step(lambda s, b: step(s, b), state, mesh, keys, batch_size)
 
 
 def make_eval_loss(config: ModelConfig, *, mesh, aggregation: str = "token_mean",

@@ -7,7 +7,8 @@
   :class:`OnlineBatches` (standard OPD: fresh student samples scored by a live teacher).
 
 None of them needs a ``Config`` object or a run directory: they take config *sections* (plain dataclasses) and
-paths.
+paths. A LoRA model (:mod:`jopd.models.lora`) is trained with its base frozen: the train state holds its adapters
+only (:func:`trainable_split`), and :func:`current_model` is the model a loop's state stands for.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jopd import losses
 from jopd.checkpointing import Checkpointer
 from jopd.data import loader
 from jopd.data.routing import stratified_order
-from jopd.models import Model, token_logprobs
+from jopd.models import Model, lora, token_logprobs
 from jopd.sampling import bucket, generate, sequences
 from jopd.sharding import round_up, to_host
 from jopd.steps import (
@@ -124,6 +125,29 @@ def _place(mesh: Any) -> Callable[[Mapping[str, np.ndarray]], Any]:
     return functools.partial(shard_batch, mesh=mesh)
 
 
+# ------------------------------------------------------------------------------------- trainable params
+def trainable_split(model: Model) -> tuple[Any, Any | None]:
+    """``(trainable params, frozen params or None)``: a LoRA model trains ``{"lora": adapters}`` with its base
+    frozen (no gradient, no optimizer state, not in checkpoints); a plain model trains all of its params."""
+    base, adapters = lora.split(model.params)
+    if adapters is None:
+        return model.params, None
+    return {lora.LORA: adapters}, base
+
+
+def current_model(model: Model, train_state: Any) -> Model:
+    """The model a training loop's state stands for: ``model`` with its params updated by the state's (all of
+    them, or a LoRA model's adapters)."""
+    return dataclasses.replace(model, params={**model.params, **train_state.params})
+
+
+def _step_caller(jitted: Callable, *extra: Any) -> Callable:
+    """``(state, batch) -> jitted(state, batch, *extra)`` for the extra arguments that are not None (the frozen
+    params, the KL reference), in that order."""
+    args = tuple(x for x in extra if x is not None)
+    return jitted if not args else (lambda st, b: jitted(st, b, *args))
+
+
 # ------------------------------------------------------------------------------------------- supervised
 def heldout_loss(eval_fn: Callable, params: Any, batches: Sequence[Mapping[str, np.ndarray]], mesh: Any) -> float:
     """Token-weighted mean NLL over held-out batches."""
@@ -142,8 +166,9 @@ def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, 
 
     ``loop``: a TrainLoop section (steps, batch_size or token_budget/row_len, micro_batch_size, cadences);
     ``optim``: an OptimSection. The held-out loss (over ``heldout_store``) is evaluated at step 0, every
-    ``loop.eval_every`` steps and at the end. ``hooks`` run after the built-in ones (e.g. a test's crash).
-    Returns the trained model (same config) and a summary.
+    ``loop.eval_every`` steps and at the end. ``hooks`` run after the built-in ones (e.g. a test's crash). A LoRA
+    ``model`` trains its adapters only (LoRA dropout keys from ``seed``). Returns the trained model (same config)
+    and a summary.
     """
     mesh = model.mesh
     data = store_batches(train_store, batch_size=loop.batch_size, token_budget=loop.token_budget,
@@ -151,9 +176,11 @@ def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, 
     optimizer = optimizer_from_section(optim, loop.steps)
     schedule = lr_schedule(optim.lr, loop.steps, schedule=optim.schedule, warmup_steps=optim.warmup_steps,
                            min_lr_ratio=optim.min_lr_ratio)
-    state = init_state(model.params, optimizer)
-    step_fn = make_sft_step(model.config, optimizer, mesh=mesh, state=state, batch_size=data.rows,
-                            micro_batch_size=loop.micro_batch_size, packed=data.packed)
+    trainable, frozen = trainable_split(model)
+    state = init_state(trainable, optimizer)
+    step_fn = _step_caller(make_sft_step(model.config, optimizer, mesh=mesh, state=state, batch_size=data.rows,
+                                         micro_batch_size=loop.micro_batch_size, packed=data.packed,
+                                         frozen=frozen is not None, dropout_seed=seed), frozen)
     ckpt = Checkpointer(ckpt_dir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing)
     resume = looplib.restore(ckpt, state, data_iterator=data.data_iterator)
     if resume is not None:
@@ -168,7 +195,8 @@ def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, 
     if held:
         eval_loss = make_eval_loss(model.config, mesh=mesh)
         all_hooks.append(looplib.Evaluate(
-            lambda st, step: {"heldout_loss": heldout_loss(eval_loss, st.params, held, mesh)}, loop.eval_every,
+            lambda st, step: {"heldout_loss": heldout_loss(eval_loss, current_model(model, st).params, held, mesh)},
+            loop.eval_every,
             logger, name=name))
     all_hooks += [looplib.Checkpoint(ckpt, loop.checkpoint_every, data_iterator=data.data_iterator),
                   looplib.Progress(name), *hooks]
@@ -183,7 +211,7 @@ def supervised(model: Model, *, train_store: str | Path, loop: Any, optim: Any, 
                "resumed_from_step": final.start_step}
     log.info("%s: done (%d steps, loss %s, held-out %s)", name, loop.steps, summary["final_loss"],
              summary["heldout_loss_final"])
-    return dataclasses.replace(model, params=final.train_state.params), summary
+    return current_model(model, final.train_state), summary
 
 
 # ------------------------------------------------------------------------------------------------- OPD
@@ -211,18 +239,24 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
     (``loss_weights`` / ``jsd_beta``) replaces opd's (with a top-k weight the batches must carry
     ``teacher_topk_ids`` / ``teacher_topk_logprobs``, see ``OPD_FIELDS + loader.TOPK_FIELDS``). ``evaluate(model)``: periodic held-out evaluation (step 0,
     every ``opd.eval_every``, the end) when ``opd.eval_every > 0``. Resumes from the newest checkpoint in
-    ``ckpt_dir`` (train state, ``data_iterator``'s position, counters). Returns the final model and LoopState.
+    ``ckpt_dir`` (train state, ``data_iterator``'s position, counters). A LoRA ``student`` trains its adapters
+    only, and its KL reference (``opd.kl_coef > 0``) is its frozen base: the SFT policy, with no copy. Returns the
+    final model and LoopState.
     """
     mesh = student.mesh
+    trainable, frozen = trainable_split(student)
     # The KL reference must be a separate copy: the state's params are donated to (consumed by) each step.
-    ref_params = jax.tree.map(jnp.copy, student.params) if opd.kl_coef > 0 else None
+    ref_params = None
+    if opd.kl_coef > 0:
+        ref_params = frozen if frozen is not None else jax.tree.map(jnp.copy, student.params)
     optimizer = optimizer_from_section(opd.optim, opd.steps * opd.ppo_updates())
-    state = init_state(student.params, optimizer)
+    state = init_state(trainable, optimizer)
     jitted = make_opd_step(student.config, optimizer, opd_loss_config(opd, arm), mesh=mesh, state=state,
                            batch_size=rows, micro_batch_size=opd.micro_batch_size, with_behaviour=True,
                            with_ref=ref_params is not None, packed=packed, ppo_epochs=opd.ppo_epochs,
-                           mini_batches=opd.mini_batches, shuffle_seed=seed)
-    step_fn = jitted if ref_params is None else (lambda st, b: jitted(st, b, ref_params))
+                           mini_batches=opd.mini_batches, shuffle_seed=seed, frozen=frozen is not None,
+                           dropout_seed=seed)
+    step_fn = _step_caller(jitted, frozen, ref_params)
     ckpt = Checkpointer(ckpt_dir, keep=opd.keep_checkpoints, async_save=opd.async_checkpointing)
     resume = looplib.restore(ckpt, state, data_iterator=data_iterator)
     if resume is not None:
@@ -232,13 +266,13 @@ def opd(student: Model, batches: Any, *, opd: Any, rows: int, ckpt_dir: str | Pa
         all_hooks.append(looplib.LogMetrics(logger, 1, keys=OPD_METRICS, log_every=opd.log_every))
     if evaluate is not None and opd.eval_every > 0:
         all_hooks.append(looplib.Evaluate(
-            lambda st, step: {f"eval/{k}": v for k, v in evaluate(dataclasses.replace(student, params=st.params)).items()},
+            lambda st, step: {f"eval/{k}": v for k, v in evaluate(current_model(student, st)).items()},
             opd.eval_every, logger, name=name))
     all_hooks += [looplib.Checkpoint(ckpt, opd.checkpoint_every, data_iterator=data_iterator),
                   looplib.Progress(name, show=("loss", "reverse_kl")), *hooks]
     final = looplib.run_loop(step_fn, state, batches, num_steps=opd.steps, hooks=all_hooks, resume=resume,
                              name=name, place=_place(mesh), describe_batch=describe_batch, batch_phases=batch_phases)
-    return dataclasses.replace(student, params=final.train_state.params), final
+    return current_model(student, final.train_state), final
 
 
 def prompt_stream(num_prompts: int, seed: int, start: int, count: int,
@@ -332,7 +366,7 @@ class OnlineBatches(looplib.Hook):
         prompt_ids = [self.prompts[i]["prompt_ids"] for i in indices]
         sp = self.sampling
         t0 = time.perf_counter()
-        res = generate(dataclasses.replace(self.student, params=self._loop.train_state.params), prompt_ids,
+        res = generate(current_model(self.student, self._loop.train_state), prompt_ids,
                        max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                        eos_token_id=self.stop_ids, seed=sample_seed(self.seed, step - 1), batch_size=self.batch_size)
         t1 = time.perf_counter()

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from jopd import sharding
-from jopd.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from jopd.models import lora
+from jopd.models.config import SUPPORTED_MODEL_TYPES, ConfigError, LoraSpec, ModelConfig
 from jopd.models.decoder import (
     Decoder,
     KVCache,
@@ -18,14 +19,23 @@ from jopd.models.decoder import (
     param_shardings,
 )
 from jopd.models.fused_head import fused_head_loss
-from jopd.models.hf import CheckpointError, Model, from_params, load_pretrained, save_pretrained
+from jopd.models.hf import (
+    CheckpointError,
+    Model,
+    from_params,
+    load_adapter,
+    load_pretrained,
+    save_adapter,
+    save_pretrained,
+)
 from jopd.models.logprobs import logprobs_and_topk_fn, logprobs_fn, logprobs_from_hidden, naive_logprobs_fn
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "CheckpointError", "ConfigError", "Decoder", "KVCache", "Model", "ModelConfig",
-    "from_params", "fused_head_loss", "hidden_states", "init_params", "load_pretrained", "logprobs_and_topk_fn",
-    "logprobs_fn", "logprobs_from_hidden", "naive_logprobs_fn", "output_kernel", "param_logical_axes",
-    "param_shapes", "param_shardings", "save_pretrained", "token_logprobs",
+    "SUPPORTED_MODEL_TYPES", "CheckpointError", "ConfigError", "Decoder", "KVCache", "LoraSpec", "Model",
+    "ModelConfig", "from_params", "fused_head_loss", "hidden_states", "init_params", "load_adapter",
+    "load_pretrained", "logprobs_and_topk_fn", "logprobs_fn", "logprobs_from_hidden", "lora", "naive_logprobs_fn",
+    "output_kernel", "param_logical_axes", "param_shapes", "param_shardings", "save_adapter", "save_pretrained",
+    "token_logprobs",
 ]
 
 _JIT_CACHE: dict = {}

@@ -25,6 +25,9 @@ SUPPORTED_ATTENTION = ("xla", "cudnn")
 # matmuls ("dots": attention scores, softmax and elementwise ops are recomputed), or only its input ("full": all
 # of the layer is recomputed).
 SUPPORTED_REMAT = ("none", "attention", "dots", "full")
+# Projections a LoRA adapter can target (jopd/models/lora.py). On qwen3_moe, gate/up/down are every expert's own
+# projections (one adapter pair per expert); the router is never adapted.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 # Real Qwen3 dimensions (config.json of Qwen/Qwen3-*-Base and Qwen/Qwen3-*, which share their architecture), as
@@ -47,6 +50,38 @@ QWEN3_ARCHS: dict[str, dict[str, Any]] = {
 
 class ConfigError(ValueError):
     """A model config.json that jopd cannot represent exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the decoder's projections (docs/lora.md): each target projection ``W`` becomes
+    ``W + (alpha / rank) * A @ B`` with ``A`` ``[in, rank]`` and ``B`` ``[rank, out]``; ``dropout`` drops the
+    adapter path's input during training steps only. A runtime setting: the adapters themselves are params
+    (``params["lora"]``), see :mod:`jopd.models.lora`."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            errors.append(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            errors.append(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            errors.append(f"LoRA targets must be distinct names from {LORA_TARGETS}, got {self.targets!r}")
+        if not 0 <= self.dropout < 1:
+            errors.append(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    @property
+    def scale(self) -> float:
+        """The adapter's multiplier ``alpha / rank`` (PEFT's default scaling)."""
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +121,7 @@ class ModelConfig:
     remat: str = "attention"  # rematerialisation policy of each decoder layer (SUPPORTED_REMAT)
     attention_impl: str = "xla"  # "xla" (einsum, any backend) or "cudnn" (fused kernel on NVIDIA GPUs)
     logits_chunk_size: int = 128  # sequence positions per chunk of the log-prob head
+    lora: LoraSpec | None = None  # adapters on the projections (params["lora"]); None = a plain model
 
     # The unmodified config.json, kept for export (json text so the dataclass stays hashable).
     hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)

@@ -108,6 +108,60 @@ def _kernel_init(scale: float = 0.02):
     return nn.initializers.normal(stddev=scale)
 
 
+# The variable collection of LoRA adapters (jopd/models/lora.py): ``{name}_lora_a`` / ``{name}_lora_b`` beside the
+# kernels they adapt, e.g. lora/layers/attn/q_lora_a. A model's params carry them under this top-level key.
+LORA = "lora"
+
+
+def _lora_input(module: nn.Module, x: Array) -> Array:
+    """The adapter path's input: ``x`` under LoRA dropout when the model has a dropout rate and the call passed a
+    ``dropout`` rng (training steps); ``x`` itself otherwise (evaluation, sampling, the frozen-logprob pass)."""
+    rate = module.config.lora.dropout
+    if rate == 0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _adapter(module: nn.Module, name: str) -> tuple[Array, Array] | None:
+    """The LoRA pair (A, B) of projection ``name`` (this layer's slice) when the model carries one, else None."""
+    if not module.has_variable(LORA, f"{name}_lora_a"):
+        return None
+    if module.config.lora is None:
+        raise ValueError(f"the params carry LoRA adapters ({name}_lora_a) but the model config has no lora spec")
+    return module.get_variable(LORA, f"{name}_lora_a"), module.get_variable(LORA, f"{name}_lora_b")
+
+
+def project(module: nn.Module, name: str, x: Array, w: Array) -> Array:
+    """``dense(x, w)`` (``w`` ``[in, out]`` in the compute dtype) plus, when projection ``name`` has an adapter,
+    ``scale * (dropout(x) @ A) @ B`` with A ``[in, r]`` and B ``[r, out]`` (stored with the kernel's own
+    dimensions, flattened here the way the kernel is), in the compute dtype. The base matmul is unchanged, so a
+    model without adapters computes exactly what it did before LoRA existed."""
+    y = dense(x, w)
+    pair = _adapter(module, name)
+    if pair is None:
+        return y
+    dt = w.dtype
+    a, b = pair
+    rank = a.shape[-1]
+    delta = dense(dense(_lora_input(module, x), a.reshape(-1, rank).astype(dt)), b.reshape(rank, -1).astype(dt))
+    return y + (module.config.lora.scale * delta).astype(y.dtype)
+
+
+def expert_project(module: nn.Module, name: str, xs: Array, w: Array, group_sizes: Array) -> Array:
+    """The grouped (MoE) form of :func:`project`: ``ragged_dot(xs, w [E, in, out])`` plus each expert's own
+    adapter, ``scale * ragged_dot(ragged_dot(dropout(xs), A [E, in, r]), B [E, r, out])``."""
+    y = jax.lax.ragged_dot(xs, w, group_sizes)
+    pair = _adapter(module, name)
+    if pair is None:
+        return y
+    dt = w.dtype
+    a, b = pair
+    low = jax.lax.ragged_dot(_lora_input(module, xs), a.astype(dt), group_sizes)
+    delta = jax.lax.ragged_dot(low, b.astype(dt), group_sizes)
+    return y + (module.config.lora.scale * delta).astype(y.dtype)
+
+
 @jax.custom_vjp
 def _scores(qg: Array, k: Array) -> Array:
     """q k^T ``[B, K, G, T, S]`` from qg ``[B, T, K, G, Dh]`` and k ``[B, S, K, Dh]``, accumulated (and returned) in
@@ -159,9 +213,9 @@ class Attention(nn.Module):
         wv = self.param("v_kernel", _kernel_init(), (d, k, hd), pdt).astype(dt)
         wo = self.param("o_kernel", _kernel_init(), (h, hd, d), pdt).astype(dt)
         b, t = x.shape[:2]
-        q = dense(x, wq.reshape(d, h * hd)).reshape(b, t, h, hd)
-        kk = dense(x, wk.reshape(d, k * hd)).reshape(b, t, k, hd)
-        v = dense(x, wv.reshape(d, k * hd)).reshape(b, t, k, hd)
+        q = project(self, "q", x, wq.reshape(d, h * hd)).reshape(b, t, h, hd)
+        kk = project(self, "k", x, wk.reshape(d, k * hd)).reshape(b, t, k, hd)
+        v = project(self, "v", x, wv.reshape(d, k * hd)).reshape(b, t, k, hd)
         if cfg.attention_bias:
             q = q + self.param("q_bias", nn.initializers.zeros, (h, hd), pdt).astype(dt)
             kk = kk + self.param("k_bias", nn.initializers.zeros, (k, hd), pdt).astype(dt)
@@ -195,7 +249,7 @@ class Attention(nn.Module):
                 # (as flash attention does): they are most of a layer's activations at long T, cheap to redo.
                 core = jax.checkpoint(_attention_core, static_argnums=(4, 5), prevent_cse=False)
             out = core(q, kk, v, mask, scale, dt)
-        y = dense(out.reshape(b, t, h * hd), wo.reshape(h * hd, d))
+        y = project(self, "o", out.reshape(b, t, h * hd), wo.reshape(h * hd, d))
         return y, cache
 
 
@@ -233,9 +287,9 @@ class Mlp(nn.Module):
         wg = self.param("gate_kernel", _kernel_init(), (d, f), pdt).astype(dt)
         wu = self.param("up_kernel", _kernel_init(), (d, f), pdt).astype(dt)
         wd = self.param("down_kernel", _kernel_init(), (f, d), pdt).astype(dt)
-        hidden = swiglu(dense(x, wg), dense(x, wu))
+        hidden = swiglu(project(self, "gate", x, wg), project(self, "up", x, wu))
         hidden = sharding.constrain(hidden, ("batch", "seq", "mlp"))
-        return dense(hidden, wd)
+        return project(self, "down", hidden, wd)
 
 
 class MoeMlp(nn.Module):
@@ -266,9 +320,9 @@ class MoeMlp(nn.Module):
         token_of = order // topk
         xs = tokens[token_of]  # [N*k, D], grouped by expert
         group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-        gate = jax.lax.ragged_dot(xs, wg, group_sizes)
-        up = jax.lax.ragged_dot(xs, wu, group_sizes)
-        out_sorted = jax.lax.ragged_dot(swiglu(gate, up), wd, group_sizes)  # [N*k, D]
+        gate = expert_project(self, "gate", xs, wg, group_sizes)
+        up = expert_project(self, "up", xs, wu, group_sizes)
+        out_sorted = expert_project(self, "down", swiglu(gate, up), wd, group_sizes)  # [N*k, D]
         out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b * t, topk, d)
         y = jnp.einsum("nkd,nk->nd", out, weights)
         return y.reshape(b, t, d)
@@ -318,8 +372,8 @@ class Decoder(nn.Module):
                                  policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         stack = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, LORA: 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, name="layers")
@@ -362,14 +416,23 @@ def segment_mask(segment_ids: Array) -> Array:
     return same & jnp.tril(jnp.ones((t, t), dtype=bool))[None]
 
 
+def decoder_variables(params: dict) -> dict:
+    """The Flax variables of a model's params: ``{"params": ...}``, plus the ``lora`` collection when the params
+    carry adapters (``params["lora"]``, see :mod:`jopd.models.lora`)."""
+    if LORA not in params:
+        return {"params": params}
+    return {"params": {k: v for k, v in params.items() if k != LORA}, LORA: params[LORA]}
+
+
 def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: Array | None = None,
-                  segment_ids: Array | None = None) -> Array:
+                  segment_ids: Array | None = None, dropout_rng: Array | None = None) -> Array:
     """Final-norm hidden states ``[B, T, D]`` of ``tokens`` ``[B, T]`` (no cache).
 
     Unpacked (``segment_ids`` None): right-padded rows, one sequence each, ``positions`` default to
     ``0..T-1``. Packed: ``segment_ids`` ``[B, T]`` (see :func:`segment_mask`) and ``positions`` ``[B, T]``
     (each token's position within its own sequence, which RoPE needs) are both required; each sequence then
-    sees only itself, exactly as if it were alone in a row.
+    sees only itself, exactly as if it were alone in a row. ``params`` may carry LoRA adapters
+    (``params["lora"]``, with ``config.lora``); ``dropout_rng`` turns their dropout on (training steps only).
     """
     b, t = tokens.shape
     if segment_ids is None:
@@ -384,14 +447,17 @@ def hidden_states(params: dict, config: ModelConfig, tokens: Array, positions: A
             config = config.replace(attention_impl="xla")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _ = Decoder(config).apply({"params": params}, tokens, positions, mask)
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    h, _ = Decoder(config).apply(decoder_variables(params), tokens, positions, mask, rngs=rngs)
     return h
 
 
 def _shape_config(config: ModelConfig) -> ModelConfig:
     # Parameter shapes do not depend on the attention kernel; tracing with "xla" lets a CPU host plan a
-    # config that will run with cudnn on GPUs.
-    return config.replace(attention_impl="xla") if config.attention_impl != "xla" else config
+    # config that will run with cudnn on GPUs; nor on LoRA adapters (not created by init: jopd.models.lora).
+    if config.attention_impl != "xla" or config.lora is not None:
+        return config.replace(attention_impl="xla", lora=None)
+    return config
 
 
 @functools.lru_cache(maxsize=16)

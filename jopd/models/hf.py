@@ -11,8 +11,10 @@ the tokenizer files, into a temporary directory renamed into place (a crash neve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import mmap
 import os
 import shutil
@@ -28,6 +30,7 @@ import numpy as np
 
 from jopd import sharding
 from jopd.io import current_umask
+from jopd.models import lora
 from jopd.models.config import ConfigError, ModelConfig
 from jopd.models.decoder import param_shapes, param_shardings
 
@@ -59,18 +62,18 @@ class Model:
 class SafetensorsReader:
     """Random access to the tensors of one HF directory (single file or sharded index), via mmap."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, filename: str = "model.safetensors"):
         self.path = path
-        single = os.path.join(path, "model.safetensors")
+        single = os.path.join(path, filename)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
-            files, weight_map = ["model.safetensors"], None
+            files, weight_map = [filename], None
         else:
-            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+            raise FileNotFoundError(f"{path}: neither {filename} nor model.safetensors.index.json found")
         self._entries: dict[str, tuple[mmap.mmap, int, dict]] = {}
         self._maps: list[mmap.mmap] = []
         for name in files:
@@ -357,11 +360,15 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, mesh=Non
 
 # --- export -------------------------------------------------------------------------------------------
 def hf_state_dict(model: Model, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF key, numpy tensor) pairs, one param (all its layers) on the host at a time."""
+    """Yield (HF key, numpy tensor) pairs, one param (all its layers) on the host at a time. A LoRA model's
+    adapters are merged into their kernels (``W + (alpha / rank) * A @ B`` in float64, rounded once)."""
     cfg = model.config
     out_dtype = jnp.dtype(dtype) if dtype else None
+    base, adapters = lora.split(model.params)
     for rule in _rules(cfg):
-        full = sharding.to_host(_get_path(model.params, rule.path))
+        full = sharding.to_host(_get_path(base, rule.path))
+        if adapters is not None:
+            full = lora.merge_kernel_at(full, adapters, cfg, rule.path)
         for lead, hf_key in _index_units(rule, cfg):
             t = rule.to_hf(full[lead] if lead else full)
             yield hf_key, np.ascontiguousarray(t.astype(out_dtype) if out_dtype is not None else t)
@@ -393,11 +400,7 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir: 
     tensors = list(hf_state_dict(model, dtype))
     if jax.process_index() != 0:
         return out_dir
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it a normal directory's mode
-    try:
+    with _replaced_dir(out_dir) as tmp:
         hf = model.config.to_hf_dict()
         saved_dtype = str(jnp.dtype(dtype)) if dtype else model.config.param_dtype
         hf["torch_dtype"] = saved_dtype
@@ -429,6 +432,19 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir: 
             for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(src_tok, name)):
                     shutil.copy2(os.path.join(src_tok, name), os.path.join(tmp, name))
+    return out_dir
+
+
+@contextlib.contextmanager
+def _replaced_dir(out_dir: str) -> Iterator[str]:
+    """A temporary directory beside ``out_dir`` to write into; on success it replaces ``out_dir`` (an existing
+    one is moved aside first), on failure it is removed: ``out_dir`` is never half-written."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it a normal directory's mode
+    try:
+        yield tmp
         if os.path.isdir(out_dir):
             old = out_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -440,7 +456,135 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- LoRA adapters alone, in PEFT's format ---------------------------------------------------------------
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# The HF (and PEFT target_modules) name of each LoRA target's projection.
+_PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+               "down": "down_proj"}
+
+
+def _adapter_units(cfg: ModelConfig, target: str) -> Iterator[tuple[tuple[int, ...], str]]:
+    """(index into the adapter's leading dims, PEFT module prefix) of every layer (and expert) of ``target``."""
+    attn = target in ("q", "k", "v", "o")
+    for i in range(cfg.num_layers):
+        pre = f"base_model.model.model.layers.{i}."
+        if attn:
+            yield (i,), f"{pre}self_attn.{_PEFT_NAMES[target]}"
+        elif cfg.is_moe:
+            for e in range(cfg.num_experts):
+                yield (i, e), f"{pre}mlp.experts.{e}.{_PEFT_NAMES[target]}"
+        else:
+            yield (i,), f"{pre}mlp.{_PEFT_NAMES[target]}"
+
+
+def _adapter_module(cfg: ModelConfig, target: str) -> str:
+    return "attn" if target in ("q", "k", "v", "o") else ("moe" if cfg.is_moe else "mlp")
+
+
+def adapter_state_dict(model: Model) -> Iterator[tuple[str, np.ndarray]]:
+    """The adapters of a LoRA model as PEFT tensors: per layer (and expert) and target,
+    ``<module>.lora_A.weight`` ``[r, in]`` and ``<module>.lora_B.weight`` ``[out, r]`` (HF's ``[out, in]``
+    orientation, so the merged HF weight is ``W + (alpha / r) * lora_B @ lora_A``)."""
+    cfg = model.config
+    _, adapters = lora.split(model.params)
+    if adapters is None or cfg.lora is None:
+        raise ValueError("adapter_state_dict: the model carries no LoRA adapters")
+    r = cfg.lora.rank
+    for target in cfg.lora.targets:
+        module = adapters["layers"][_adapter_module(cfg, target)]
+        a_full, b_full = sharding.to_host((module[f"{target}_lora_a"], module[f"{target}_lora_b"]))
+        for lead, prefix in _adapter_units(cfg, target):
+            yield f"{prefix}.lora_A.weight", np.ascontiguousarray(a_full[lead].reshape(-1, r).T)
+            yield f"{prefix}.lora_B.weight", np.ascontiguousarray(b_full[lead].reshape(r, -1).T)
+
+
+def save_adapter(model: Model, out_dir: str | os.PathLike, *, base_model: str | None = None) -> str:
+    """Write a LoRA model's adapters alone, in PEFT's format (docs/lora.md): ``adapter_config.json`` (``r``,
+    ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``base_model_name_or_path`` = ``base_model``) and
+    ``adapter_model.safetensors`` (:func:`adapter_state_dict`, the params' dtype), atomically; process 0 writes
+    (all processes must call it: gathering is collective)."""
+    out_dir = os.fspath(out_dir)
+    tensors = list(adapter_state_dict(model))
+    if jax.process_index() != 0:
+        return out_dir
+    spec = model.config.lora
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
+              "lora_dropout": spec.dropout, "target_modules": [_PEFT_NAMES[t] for t in spec.targets],
+              "base_model_name_or_path": base_model, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+              "modules_to_save": None, "layers_to_transform": None, "revision": None}
+    with _replaced_dir(out_dir) as tmp:
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        _write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), tensors)
     return out_dir
+
+
+def load_adapter(path: str | os.PathLike, model: Model) -> Model:
+    """``model`` (a plain model: the adapter's base) with the PEFT-format adapter of ``path`` attached, as a LoRA
+    model (adapters in ``model.config.param_dtype``, sharded like their kernels). Refused with a
+    :class:`CheckpointError` naming the problem: a PEFT variant jopd does not compute (rsLoRA, DoRA, biases,
+    a subset of layers), an unknown target module, a missing, unexpected or mis-shaped tensor."""
+    path = os.fspath(path)
+    if lora.is_lora(model.params):
+        raise ValueError("load_adapter: the model already carries adapters")
+    cfg_path = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        with open(cfg_path) as f:
+            pc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot read the adapter config: {e}") from e
+    unsupported = {k: pc.get(k) for k, ok in (("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False),
+                                               ("bias", "none"), ("fan_in_fan_out", False),
+                                               ("layers_to_transform", None), ("modules_to_save", None))
+                   if pc.get(k, ok) != ok}
+    if unsupported:
+        raise CheckpointError(f"{cfg_path}: unsupported adapter settings {unsupported} (jopd computes plain LoRA "
+                              "on all layers: W + lora_alpha / r * B A)")
+    names = {v: k for k, v in _PEFT_NAMES.items()}
+    modules = pc.get("target_modules") or []
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    unknown = [m for m in modules if m not in names]
+    if unknown or not modules:
+        raise CheckpointError(f"{cfg_path}: target_modules {modules} must be a list of {sorted(names)}")
+    try:
+        spec = lora.LoraSpec(rank=int(pc["r"]), alpha=float(pc["lora_alpha"]),
+                             targets=tuple(t for t in lora.LORA_TARGETS if _PEFT_NAMES[t] in modules),
+                             dropout=float(pc.get("lora_dropout") or 0.0))
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"{cfg_path}: {e}") from e
+    cfg = model.config.replace(lora=spec)
+    shapes, shardings = lora.adapter_shapes(cfg), lora.adapter_shardings(cfg, model.mesh)
+    reader = SafetensorsReader(path, ADAPTER_WEIGHTS)
+    try:
+        expected: set[str] = set()
+        adapters: dict = {"layers": {}}
+        for target in spec.targets:
+            module = _adapter_module(cfg, target)
+            for which, orient in (("a", "lora_A"), ("b", "lora_B")):
+                name = f"{target}_lora_{which}"
+                shape = tuple(shapes["layers"][module][name].shape)
+                buf = np.empty(shape, jnp.dtype(cfg.param_dtype))
+                for lead, prefix in _adapter_units(cfg, target):
+                    key = f"{prefix}.{orient}.weight"
+                    expected.add(key)
+                    unit = shape[len(lead):]
+                    flat = (math.prod(unit[:-1]), unit[-1]) if which == "a" else (unit[0], math.prod(unit[1:]))
+                    raw = reader.get(key)
+                    if tuple(raw.shape) != flat[::-1]:
+                        raise CheckpointError(f"{path}: tensor {key} has shape {tuple(raw.shape)}; rank {spec.rank} "
+                                              f"on this model implies {flat[::-1]}")
+                    buf[lead] = raw.T.reshape(unit)
+                adapters["layers"].setdefault(module, {})[name] = jax.device_put(
+                    buf, shardings["layers"][module][name])
+        unexpected = sorted(reader.keys() - expected)
+        if unexpected:
+            raise CheckpointError(f"{path}: adapter tensors this model does not have: {unexpected[:4]}")
+    finally:
+        reader.close()
+    return dataclasses.replace(model, config=cfg, params={**model.params, lora.LORA: adapters})
 
 
 def from_params(config: ModelConfig, params: dict, *, mesh=None) -> Model:

@@ -129,13 +129,15 @@ def logprobs_from_hidden(hidden: Array, w_out: Array, tokens: Array, mask: Array
 
 
 def logprobs_fn(params: dict, config: ModelConfig, tokens: Array, mask: Array, *,
-                segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+                segment_ids: Array | None = None, positions: Array | None = None,
+                dropout_rng: Array | None = None) -> Array:
     """Pure, differentiable per-token log-probs ``[B, T]`` (float32) of ``tokens`` ``[B, T]``.
 
     Right-padded rows, or packed rows with ``segment_ids`` and ``positions`` ``[B, T]`` (see
     :func:`jopd.models.decoder.hidden_states`); a packed sequence's log-probs equal those it gets unpacked.
+    ``dropout_rng``: LoRA dropout on (a LoRA model's training passes).
     """
-    h = hidden_states(params, config, tokens, positions, segment_ids)
+    h = hidden_states(params, config, tokens, positions, segment_ids, dropout_rng=dropout_rng)
     return logprobs_from_hidden(h, output_kernel(params, config), tokens, mask,
                                 chunk=config.logits_chunk_size, segment_ids=segment_ids)
 
