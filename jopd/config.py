@@ -631,6 +631,11 @@ class TokenizerSection:
 class Config:
     run_dir: str = doc("Directory of every stage's outputs, logs, metrics and the resolved config.", "runs/default")
     seed: int = doc("Global seed (initialisation, shuffling).", 0)
+    seeds: list[int] = doc(
+        "Replicates: run the whole pipeline once per seed S into RUN_DIR/seed_S with `seed` = S (in-run teachers, "
+        "student, SFT, rollouts and arms all re-drawn; the prompts stay those of task.seed), then write "
+        "RUN_DIR/report.md over them: mean +- 95% t interval over seeds and each arm's paired difference to the "
+        "SFT student. Empty = one run with `seed` in RUN_DIR.", default_factory=list)
     stages: list[str] = doc(f"Stages to run, in pipeline order; any of {', '.join(STAGES)}.",
                             default_factory=lambda: list(STAGES))
     mesh: MeshSection = doc("Device mesh.", default_factory=MeshSection)
@@ -655,6 +660,10 @@ class Config:
     export: ExportSection = doc("HF export of a trained student.", default_factory=ExportSection)
     logging: LoggingSection = doc("Experiment tracking beside the JSONL/TensorBoard metrics (never a stage input).",
                                   default_factory=LoggingSection)
+
+    def for_seed(self, seed: int) -> Config:
+        """Seed ``seed`` of a seeds run: the same config with ``seed`` set, in RUN_DIR/seed_S, without ``seeds``."""
+        return dataclasses.replace(self, seed=seed, seeds=[], run_dir=os.path.join(self.run_dir, f"seed_{seed}"))
 
     def arm(self, name: str) -> ArmSection:
         for a in self.arms:
@@ -877,6 +886,10 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
     if order != [s for s in cfg.stages if s in STAGES]:
         errors.append(f"stages: must be in pipeline order {list(STAGES)}")
     errors += _section_problems(cfg)
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in cfg.seeds):
+        errors.append(f"seeds: must be non-negative integers, got {cfg.seeds}")
+    elif len(set(cfg.seeds)) != len(cfg.seeds):
+        errors.append(f"seeds: each seed at most once, got {cfg.seeds}")
 
     def path_ok(where: str, p: str | None, kind: str = "any") -> None:
         if p is None or not check_files:

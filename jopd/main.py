@@ -118,6 +118,24 @@ def _should_initialize(section) -> bool:
 
 
 def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False, hooks: Sequence[Any] = ()) -> int:
+    """The pipeline in RUN_DIR, or with ``seeds`` once per seed in RUN_DIR/seed_S and then the report over them."""
+    if not cfg.seeds:
+        return _run_pipeline(cfg, log, fmt, debug=debug, hooks=hooks)
+    import jax
+
+    for seed in cfg.seeds:
+        log.info("seed %d (%d of %d): %s", seed, cfg.seeds.index(seed) + 1, len(cfg.seeds), cfg.for_seed(seed).run_dir)
+        code = _run_pipeline(cfg.for_seed(seed), log, fmt, debug=debug, hooks=hooks)
+        if code != 0:
+            return code
+    if "report" in cfg.stages and jax.process_index() == 0:
+        from jopd.report.seeds import write_seeds_report
+
+        write_seeds_report(cfg)
+    return 0
+
+
+def _run_pipeline(cfg, log: logging.Logger, fmt: str, *, debug: bool = False, hooks: Sequence[Any] = ()) -> int:
     import jax
 
     from jopd import preflight, sharding
@@ -137,7 +155,7 @@ def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False, hooks: Sequ
     file_log.propagate = False
     file_log.addHandler(logging.NullHandler())  # before run.log is open: nowhere (not Python's stderr fallback)
     summary = {}
-    lock = None
+    lock = handler = None
     try:
         preflight.check(cfg)  # before anything is written: a refused run leaves the run directory as it was
         run = Run.create(cfg, mesh, hooks=tuple(hooks), config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -166,6 +184,10 @@ def _run(cfg, log: logging.Logger, fmt: str, *, debug: bool = False, hooks: Sequ
     finally:
         if lock is not None:
             lock.release()
+        if handler is not None:  # the next run of a seeds run logs to its own run.log
+            logging.getLogger().removeHandler(handler)
+            file_log.removeHandler(handler)
+            handler.close()
     if run.is_main:
         atomic_write_json(run.layout.summary, summary)
     log.info("all stages done: %s", ", ".join(cfg.stages))
