@@ -7,11 +7,14 @@ by the number of devices.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from jopd.config import Config
 from jopd.layout import RunLayout
+from jopd.report.claims import claims_section, run_claims
+from jopd.report.costs import cost_section
 from jopd.report.gather import (
     COMPILE_OUTLIER_FACTOR,
     PHASES,
@@ -132,6 +135,7 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
 
     # --- results table ---------------------------------------------------------------------------------
     n_prompts = next((r.get("num_prompts") for r in results.values() if r.get("num_prompts")), None)
+    k = cfg.eval.samples_per_prompt
     lines += ["## Results", "",
               f"Held-out accuracy on {n_prompts if n_prompts else '?'} prompts "
               + (f"(avg@{cfg.eval.samples_per_prompt}: the mean over {cfg.eval.samples_per_prompt} samples per "
@@ -139,18 +143,24 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
                  + (f", top-p {cfg.eval.top_p}" if cfg.eval.top_p < 1 else "") + ")"
                  if cfg.eval.samples_per_prompt > 1 else f"(temperature {cfg.eval.temperature})")
               + f"; reverse KL(student || teacher {kl_teacher}) per response "
-              f"token on {cfg.eval.kl_samples} temperature-1 sample(s) per prompt.", "",
-              "| model | kind | teacher | consistent | accuracy | reverse KL | wall s | device s | tokens |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"token on {cfg.eval.kl_samples} temperature-1 sample(s) per prompt. +- = 95% t interval over prompts"
+              + (f"; pass@{k} = the unbiased estimator from the same {k} samples per prompt." if k > 1 else "."), "",
+              f"| model | kind | teacher | consistent | accuracy | pass@{k} | reverse KL | wall s | device s | tokens |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     sft_done = stage_done(layout, "sft")
     sft_out = (sft_done or {}).get("outputs") or {}
 
     def row(name: str, kind: str, teacher: str, consistent: str, res: dict[str, Any] | None,
             wall: float | None, tokens: float | None, missing: str = "not evaluated") -> str:
         acc = _fmt(res.get("accuracy")) if res else missing
+        if res and isinstance(res.get("accuracy_ci95"), int | float):
+            acc += f" +- {res['accuracy_ci95']:.3f}"
+        passk = ((res or {}).get("pass_at_k") or {}).get(str(k))
+        pass_ci = ((res or {}).get("pass_at_k_ci95") or {}).get(str(k))
+        passk_txt = _fmt(passk) + (f" +- {pass_ci:.3f}" if isinstance(pass_ci, int | float) else "")
         kl = _fmt(res.get("reverse_kl"), ".4f") if res else missing
         dev_s = wall * n_dev if wall is not None else None
-        return (f"| {name} | {kind} | {teacher} | {consistent} | {acc} | {kl} | {_fmt(wall, '.1f')} | "
+        return (f"| {name} | {kind} | {teacher} | {consistent} | {acc} | {passk_txt} | {kl} | {_fmt(wall, '.1f')} | "
                 f"{_fmt(dev_s, '.1f')} | {_fmt(tokens, ',.0f')} |")
 
     if "base" in results:
@@ -165,7 +175,7 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
         done = stage_done(layout, stage)
         if done is not None:
             secs = first_number(done, ("seconds",))
-            lines.append(f"| ({stage}) | one-off cost | - | - | - | - | {_fmt(secs, '.1f')} | "
+            lines.append(f"| ({stage}) | one-off cost | - | - | - | - | - | {_fmt(secs, '.1f')} | "
                          f"{_fmt(secs * n_dev if secs is not None else None, '.1f')} | "
                          f"{_fmt(store_tokens(done), ',.0f')} |")
     for a in arms:
@@ -225,6 +235,9 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
                      "Arm wall times are the training loops' own (periodic evaluation excluded, compilation "
                      "included).")
 
+    cost_lines, costs = cost_section(cfg, layout, arms, n_dev)
+    lines += cost_lines
+
     # --- consistency ------------------------------------------------------------------------------------
     lines += ["", "## Teacher consistency", "",
               "| arm | mode | teacher | SFT-data teacher | consistent |", "|---|---|---|---|---|"]
@@ -233,6 +246,9 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
         lines.append(f"| {a.name} | {a.mode} | {a.teacher} | {sft_teacher_label(cfg)} | {cons} |")
 
     lines += routes_section(cfg, layout, results, arms)  # multi-teacher runs: every route against its teacher
+
+    claims = [] if cfg.routing.enabled else run_claims(arms, results, cfg.sft_teacher)
+    lines += claims_section(claims)
 
     # --- findings ------------------------------------------------------------------------------------------
     found = findings(cfg, arms, results, speedups)
@@ -251,6 +267,7 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
                          f"`{s.get('prompt', '')}` -> `{resp[:160]}`")
     lines += ["", "## Plots", ""]
     summary = {"speedups": speedups, "findings": found, "devices": {"count": n_dev, "kind": dev_kind},
+               "costs": costs, "claims": [dataclasses.asdict(c) for c in claims],
                "arms": {a.name: {"mode": a.mode, "teacher": a.teacher, "consistent_teacher": a.consistent,
                                  "wall_s": a.wall_s, "tokens": a.tokens, "mean_step_s": a.step_s,
                                  "accuracy": final_metric(a, "accuracy"),
