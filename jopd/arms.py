@@ -20,7 +20,7 @@ from jopd.config import LossWeightsSection
 from jopd.evaluation import evaluate_policy
 from jopd.io import atomic_write_json, read_json, read_jsonl
 from jopd.loop import LoopState, MetricsLogger
-from jopd.models import Model, save_pretrained
+from jopd.models import Model, lora, save_adapter, save_pretrained
 from jopd.multi_teacher import evaluate_routes, kl_teacher_names, prompt_routes
 from jopd.pipeline import Run, barrier, sft_teacher
 
@@ -74,6 +74,22 @@ def refresh_inputs(run: Run, arm_list: list[Any]) -> dict[str, Any]:
     The sampling and scoring settings a refresh uses are the rollout's and precompute's, already upstream."""
     every = {a.name: a.refresh(run.cfg.opd) for a in arm_list if a.refresh(run.cfg.opd)}
     return {"refresh": every} if every else {}
+
+
+def lora_inputs(run: Run, arm_list: list[Any]) -> dict[str, Any]:
+    """What an OPD stage's inputs add for LoRA students: ``{"lora": {arm: its lora settings}}`` for the arms with
+    adapters (rank > 0), else nothing (out of the sections' reprs too, so existing run directories keep their
+    fingerprints)."""
+    on = {a.name: dataclasses.asdict(sec) for a in arm_list if (sec := a.lora_section(run.cfg.opd)).enabled}
+    return {"lora": on} if on else {}
+
+
+def student(run: Run, arm: Any) -> Model:
+    """The student an arm trains: the SFT model, as a LoRA model (fresh adapters from the run's seed on its
+    frozen weights, jopd.models.lora) when the arm has LoRA settings."""
+    model = run.load_model(run.layout.sft_model)
+    spec = arm.lora_section(run.cfg.opd).spec()
+    return model if spec is None else lora.with_adapters(model, spec, seed=run.cfg.seed)
 
 
 def kl_teacher_name(run: Run) -> str:
@@ -134,7 +150,13 @@ def teacher_info(run: Run, arm: Any, mode: str, teacher_fp: str, consistent: boo
 def finish_arm(run: Run, arm: Any, model: Model, loop: LoopState, info: Mapping[str, Any]) -> dict[str, Any]:
     """Export the arm's student and record its meta.json; returns the arm summary."""
     model_dir = run.layout.arm_model(arm.name)
+    # A LoRA student is saved merged (a normal HF directory, what eval / export / refresh read) and its adapter
+    # alone (PEFT format, for the SFT model).
     save_pretrained(model, model_dir, tokenizer_dir=str(run.layout.tokenizer))
+    if lora.is_lora(model.params):
+        adapter_dir = run.layout.arm_adapter(arm.name)
+        save_adapter(model, adapter_dir, base_model=str(run.layout.sft_model))
+        info = {**info, "lora": {**lora.describe(model), "adapter_path": str(adapter_dir)}}
     barrier(f"arm-{arm.name}-export")
     steps = max(run.cfg.opd.steps, 1)
     summary = {**info, "arm": arm.name, "steps": run.cfg.opd.steps, "complete": True,

@@ -387,12 +387,64 @@ class PrecomputeSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA / frozen-base training (docs/lora.md): each targeted projection W of the student becomes
+    W + (alpha / rank) * A B and only the adapters A, B are trained (the base gets no gradient and no optimizer
+    state); the trained student is saved merged (a normal HF directory) and its adapter alone (PEFT format)."""
+
+    rank: int = doc("Adapter rank r; 0 = off (full fine-tuning).", 0)
+    alpha: float = doc("The adapter adds (alpha / rank) * x A B (PEFT's lora_alpha).", 16.0)
+    targets: list[str] = doc(
+        "Projections adapted: any of q, k, v, o (attention) and gate, up, down (MLP; on qwen3_moe each expert's "
+        "own projections, one adapter pair per expert; the router is never adapted).",
+        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    dropout: float = doc("Dropout on the adapter path's input in training updates (PEFT's lora_dropout; 0 = off).",
+                         0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return isinstance(self.rank, int) and self.rank > 0
+
+    def spec(self) -> Any:
+        """The model-level :class:`jopd.models.config.LoraSpec` (None when off)."""
+        from jopd.models.config import LoraSpec
+
+        if not self.enabled:
+            return None
+        return LoraSpec(rank=self.rank, alpha=float(self.alpha), targets=tuple(self.targets),
+                        dropout=float(self.dropout))
+
+    def problems(self, where: str) -> list[str]:
+        from jopd.models.config import LORA_TARGETS
+
+        errors = _positive(f"{where}.rank", self.rank, allow_zero=True)
+        if not self.enabled:
+            return errors
+        errors += _positive(f"{where}.alpha", self.alpha)
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            errors.append(f"{where}.targets: unknown projection(s) {unknown} (known: {', '.join(LORA_TARGETS)})")
+        if not self.targets:
+            errors.append(f"{where}.targets: must list at least one projection ({', '.join(LORA_TARGETS)})")
+        if len(set(self.targets)) != len(self.targets):
+            errors.append(f"{where}.targets: each projection at most once, got {self.targets}")
+        if isinstance(self.dropout, int | float) and not 0 <= self.dropout < 1:
+            errors.append(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        return errors
+
+
+@dataclass
 class SFTSection(TrainLoop):
     optim: OptimSection = doc("Optimizer.", default_factory=OptimSection)
     holdout_fraction: float = doc("Fraction of SFT examples held out for the held-out loss.", 0.05)
+    # Out of the repr (the form in which the section enters the stage's fingerprint): the sft stage records it
+    # when on, so existing run directories keep their fingerprints.
+    lora: LoraSection = doc("LoRA SFT: the base student's adapters are trained, then merged into sft/model "
+                            "(sft/adapter: the adapter alone); rank 0 = full fine-tuning.",
+                            default_factory=LoraSection, repr=False)
 
     def problems(self, where: str) -> list[str]:
-        errors = super().problems(where) + self.optim.problems(f"{where}.optim")
+        errors = super().problems(where) + self.optim.problems(f"{where}.optim") + self.lora.problems(f"{where}.lora")
         if not 0 <= self.holdout_fraction < 1:
             errors.append(f"{where}.holdout_fraction: must be in [0, 1), got {self.holdout_fraction}")
         return errors
@@ -479,6 +531,11 @@ class OPDSection(TrainLoop):
         "them, into a new store generation (arms/NAME/generations/GGGG/store, written, resumed and verified "
         "like the first). 0 = Lightning OPD (the fixed rollouts throughout); 1 = online OPD through stores. "
         "Steps 1 .. N train on the precomputed store (generation 0).", 0, repr=False)
+    # Out of the repr too; the stages record each arm's adapters when on (jopd.arms.lora_inputs).
+    lora: LoraSection = doc(
+        "LoRA students for every arm (an arm's own `lora` replaces it): the SFT student's projections get fresh "
+        "adapters and only they are trained; arms/NAME/model is the merged student (a normal HF directory), "
+        "arms/NAME/adapter the adapter alone. rank 0 = full fine-tuning.", default_factory=LoraSection, repr=False)
 
     def ppo_updates(self) -> int:
         """Optimizer updates per rollout batch."""
@@ -515,6 +572,7 @@ class OPDSection(TrainLoop):
                 + _positive(f"{where}.eps_high", self.eps_high, allow_zero=True)
                 + _positive(f"{where}.kl_coef", self.kl_coef, allow_zero=True)
                 + _positive(f"{where}.refresh_every", self.refresh_every, allow_zero=True)
+                + self.lora.problems(f"{where}.lora")
                 + ([] if self.tis_cap is None else _positive(f"{where}.tis_cap", self.tis_cap)))
 
 
@@ -540,6 +598,9 @@ class ArmSection:
         "same routes); `teacher` is then unused. A route whose teacher is not the one that wrote its SFT data is "
         "the inconsistent-teacher ablation (needs allow_inconsistent_teacher). null = routing.teachers.", None,
         repr=False)
+    lora: LoraSection | None = doc("This arm's LoRA settings, replacing opd.lora (all four fields; omitted ones "
+                                   "take their defaults, rank 0 = full fine-tuning); null = opd.lora.", None,
+                                   repr=False)
 
     def refresh(self, opd: OPDSection) -> int:
         """Steps between refreshes of this arm's rollouts (0: never; online arms are not refreshed: they sample
@@ -547,6 +608,10 @@ class ArmSection:
         if self.mode != "lightning":
             return 0
         return self.refresh_every if self.refresh_every is not None else opd.refresh_every
+
+    def lora_section(self, opd: OPDSection) -> LoraSection:
+        """The arm's effective LoRA settings: its own, else opd's."""
+        return self.lora if self.lora is not None else opd.lora
 
     def routes(self, routing: RoutingSection) -> dict[str, str]:
         """This arm's route -> teacher map ({} without routing)."""
@@ -590,6 +655,8 @@ class EvalSection:
 class ExportSection:
     arm: str | None = doc("Arm whose final student is exported (default: the first arm).", None)
     dtype: Literal["float32", "bfloat16"] | None = doc("Weight dtype of the export (default: param dtype).", None)
+    adapter: bool = doc("A LoRA arm: also write its adapter alone (PEFT format, for the SFT model) to "
+                        "RUN_DIR/export/adapter; the export itself is always the merged model.", False, repr=False)
 
 
 @dataclass
@@ -955,6 +1022,13 @@ def validate(cfg: Config, base_dir: str = ".", check_files: bool = True) -> list
                     errors.append(f"arms[{i}] ({a.name}): lightning arm's {what} is not in precompute.teachers")
     if cfg.export.arm is not None and cfg.export.arm not in names:
         errors.append(f"export.arm: unknown arm {cfg.export.arm!r} (arms: {names})")
+    for i, a in enumerate(cfg.arms):
+        if a.lora is not None:
+            errors += a.lora.problems(f"arms[{i}].lora")
+    exported = next((a for a in cfg.arms if a.name == (cfg.export.arm or names[0])), None) if names else None
+    if cfg.export.adapter and exported is not None and not exported.lora_section(cfg.opd).enabled:
+        errors.append(f"export.adapter: the exported arm {exported.name!r} has no LoRA adapter (its lora.rank is 0; "
+                      "set opd.lora or the arm's lora)")
     if cfg.eval.kl_teacher is not None and cfg.eval.kl_teacher not in cfg.teachers:
         errors.append(f"eval.kl_teacher: unknown teacher {cfg.eval.kl_teacher!r}")
     return errors

@@ -11,13 +11,13 @@ out. Nothing here touches the disk.
             <stage>/STARTED.json  <stage>/DONE.json
             prepare/   tokenizer/  prompts/{sft,opd,eval}.jsonl  teachers/NAME/  student_base/  work/
             teacher_data/  sft.jsonl  meta.json  parts/NNNNN.jsonl
-            sft/       store/ (the SFT rows as a RolloutStore)  ckpt/  model/  meta.json
+            sft/       store/ (the SFT rows as a RolloutStore)  ckpt/  model/  meta.json  adapter/ (LoRA SFT)
             rollout/   store/
             precompute/NAME/store/
-            arms/NAME/ ckpt/  model/  meta.json  generations/GGGG/store (refresh schedule; multi-teacher:
+            arms/NAME/ ckpt/  model/  meta.json  adapter/ (LoRA arms)  generations/GGGG/store (refresh schedule; multi-teacher:
                        generations/GGGG/TEACHER/store)
             eval/      results.json
-            export/    (HF directory)  export_check.json
+            export/    (HF directory)  export_check.json  adapter/ (export.adapter)
 """
 
 from __future__ import annotations
@@ -152,6 +152,11 @@ class RunLayout:
     def sft_meta(self) -> Path:
         return self.stage("sft") / "meta.json"
 
+    @property
+    def sft_adapter(self) -> Path:
+        """LoRA SFT: the adapter alone (PEFT format), for the base student."""
+        return self.stage("sft") / "adapter"
+
     # rollout / precompute
     @property
     def rollout_store(self) -> Path:
@@ -173,6 +178,10 @@ class RunLayout:
     def arm_meta(self, name: str) -> Path:
         return self.arm(name) / "meta.json"
 
+    def arm_adapter(self, name: str) -> Path:
+        """A LoRA arm's adapter alone (PEFT format), for the SFT model."""
+        return self.arm(name) / "adapter"
+
     def arm_generation(self, name: str, generation: int, teacher: str | None = None) -> Path:
         """The store of refresh generation ``generation`` (>= 1) of arm ``name``; of a multi-teacher arm, the
         store of ``teacher`` (the generation's rows of the routes the arm gives it)."""
@@ -191,6 +200,10 @@ class RunLayout:
     @property
     def export_check(self) -> Path:
         return self.export / "export_check.json"
+
+    @property
+    def export_adapter(self) -> Path:
+        return self.export / "adapter"
 
     def relative(self, path: str | Path) -> str:
         """``path`` relative to the run directory when inside it (records stay valid if the run dir moves)."""

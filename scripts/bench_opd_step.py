@@ -37,6 +37,11 @@ preset      params       vocab   hidden  layers  heads/kv   hd  ffn     default 
 batch 4 x 512 tokens; ~103M params at Qwen's vocab 151936, batch 2 x 1024 tokens); every preset ties its
 embeddings. ``--small`` runs the ``small`` preset (3 timed steps) in well under a minute on a laptop CPU.
 
+``--lora`` takes LoRA ranks (0 = full fine-tuning, the default; e.g. ``--lora 0 16`` gives both rows): a rank r > 0
+trains adapters on every projection (alpha = 2r) with the base frozen, so the state is the adapters and their Adam
+moments only and the base weights get no gradient (jopd/models/lora.py); its FLOPs count no weight gradient of
+the base (4 N instead of 6 N per token, and 4 D V for the frozen head) plus 6 per adapter parameter per token.
+
 ``--remat`` takes decoder-layer rematerialisation policies (``none``: keep every activation; ``attention``: keep
 all but the attention scores/probs, recomputed in the backward; ``dots``: keep the weight-matmul outputs,
 recompute the rest; ``full``: recompute each layer), ``--attention`` the attention
@@ -46,6 +51,7 @@ recomputes the logits; ``chunked``: the chunked, rematerialised head); every com
 Examples::
 
     python scripts/bench_opd_step.py --small
+    python scripts/bench_opd_step.py --small --lora 0 8               # full fine-tuning vs LoRA rank 8
     python scripts/bench_opd_step.py --preset 11m
     python scripts/bench_opd_step.py --preset 1.7b --dtype bfloat16 --attention xla cudnn --remat dots full \\
         --head fused chunked --response-lens 1024 4096
@@ -134,7 +140,8 @@ HBM_BANDWIDTH: tuple[tuple[tuple[str, ...], float, str], ...] = (
 )
 
 MFU_FORMULA = ("FLOPs/step = 6*N_nonemb*tokens + 6*L*B*S^2*H*hd (causal attention, fwd+bwd) "
-               "+ 6*D*V*tokens (LM head); tokens = B*S; recompute (remat, chunked-head backward) not counted")
+               "+ 6*D*V*tokens (LM head); tokens = B*S; recompute (remat, chunked-head backward) not counted; "
+               "LoRA rows: (4*N_nonemb + 6*N_adapters)*tokens + attention + 4*D*V*tokens (no base weight gradient)")
 
 
 def peak_flops(device_kind: str, platform_name: str, cpu_peak_gflops: float) -> tuple[float, str]:
@@ -170,12 +177,14 @@ def total_params(dims: dict[str, Any]) -> int:
     return nonembedding_params(dims) + emb
 
 
-def train_flops(dims: dict[str, Any], batch: int, seq: int) -> dict[str, float]:
-    """Model FLOPs of one fwd+bwd step over ``batch`` sequences of length ``seq`` (see MFU_FORMULA)."""
+def train_flops(dims: dict[str, Any], batch: int, seq: int, lora_params: int = 0) -> dict[str, float]:
+    """Model FLOPs of one fwd+bwd step over ``batch`` sequences of length ``seq`` (see MFU_FORMULA);
+    ``lora_params`` > 0: a LoRA step (frozen base: no weight gradient but the adapters')."""
     tokens = batch * seq
-    dense = 6.0 * nonembedding_params(dims) * tokens
+    weight_mult = 4.0 if lora_params else 6.0
+    dense = (weight_mult * nonembedding_params(dims) + 6.0 * lora_params) * tokens
     attention = 6.0 * dims["num_layers"] * batch * seq**2 * dims["num_heads"] * dims["head_dim"]
-    head = 6.0 * dims["hidden_size"] * dims["vocab_size"] * tokens
+    head = weight_mult * dims["hidden_size"] * dims["vocab_size"] * tokens
     return {"dense": dense, "attention": attention, "lm_head": head, "total": dense + attention + head}
 
 
@@ -326,19 +335,26 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     seq = p + r
     row = dict(spec, seq=seq, tokens_per_step=b * seq, params=total_params(PRESETS[spec["preset"]]))
     model = models.from_params(cfg, models.init_params(cfg, seed=0))
+    rank = spec.get("lora", 0)
+    if rank:  # LoRA: adapters on every projection, the base frozen (passed to the step, never donated)
+        model = models.lora.with_adapters(model, models.LoraSpec(rank=rank, alpha=2.0 * rank))
+    base, adapters = models.lora.split(model.params)
+    trainable, extra = (model.params, ()) if adapters is None else ({models.lora.LORA: adapters}, (base,))
+    row["trainable_params"] = models.lora.count(trainable)
     opt = steps.make_optimizer(lr=1e-6, total_steps=1000)
-    state = steps.init_state(model.params, opt)
+    state = steps.init_state(trainable, opt)
     loss_cfg = steps.OPDLossConfig(aggregation=spec["aggregation"], fused_head=spec["head"] == "fused")
-    step = steps.make_opd_step(cfg, opt, loss_cfg, mesh=model.mesh, state=state, batch_size=b)
+    step = steps.make_opd_step(model.config, opt, loss_cfg, mesh=model.mesh, state=state, batch_size=b,
+                               frozen=bool(extra))
     batch = steps.shard_batch(random_batch(np.random.default_rng(0), b, p, r, cfg.vocab_size), model.mesh)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch, *extra).compile()
     row["compile_s"] = time.perf_counter() - t0
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, *extra)
         jax.block_until_ready((state, metrics))
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
@@ -349,7 +365,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     # the whole process's high-water mark: meaningful per configuration under --isolate
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step_s = statistics.median(times)
-    flops = train_flops(PRESETS[spec["preset"]], b, seq)
+    flops = train_flops(PRESETS[spec["preset"]], b, seq, row["trainable_params"] if rank else 0)
     row.update(step_s=step_s, step_min_s=min(times), step_times_s=times, tokens_per_s=b * seq / step_s,
                tokens_per_s_best=b * seq / min(times), flops_per_step=flops["total"],
                flops_breakdown=flops, achieved_tflops=flops["total"] / step_s / 1e12, loss=loss, status="ok")
@@ -375,7 +391,8 @@ def run_safe(spec: dict[str, Any]) -> dict[str, Any]:
         return dict(spec, status="oom" if is_oom(e) else "error", error=f"{type(e).__name__}: {str(e)[:500]}")
 
 
-COLUMNS = [("preset", "model"), ("params", "params"), ("batch", "B"), ("seq", "S=P+R"), ("remat", "remat"),
+COLUMNS = [("preset", "model"), ("params", "params"), ("lora", "LoRA r"), ("trainable_params", "trained"),
+           ("batch", "B"), ("seq", "S=P+R"), ("remat", "remat"),
            ("attention", "attn"), ("head", "head"), ("dtype", "dtype"), ("status", "status"), ("compile_s", "compile s"), ("step_s", "step s"),
            ("tokens_per_s", "tok/s"), ("tokens_per_s_best", "best tok/s"),
            ("achieved_tflops", "TFLOP/s"), ("mfu_pct", "MFU %"),
@@ -430,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="attention kernels, one row each")
     ap.add_argument("--head", nargs="+", choices=("fused", "chunked"), default=["fused"],
                     help="output heads, one row each (OPDLossConfig.fused_head)")
+    ap.add_argument("--lora", nargs="+", type=int, default=[0], metavar="RANK",
+                    help="LoRA ranks, one row each (0 = full fine-tuning; e.g. --lora 0 16)")
     ap.add_argument("--isolate", choices=("yes", "no"), default="yes",
                     help="one process per configuration, so peak device memory and peak RSS are per configuration")
     ap.add_argument("--out", default="bench_results/opd_step.json")
@@ -456,11 +475,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for shape in shapes:
         for remat in remats:
             for attention in args.attention:
-                for head in args.head:
+                for head, rank in [(h, k) for h in args.head for k in args.lora]:
                     spec = dict(dataclasses.asdict(shape), remat=remat, attention=attention, head=head,
-                                dtype=args.dtype, aggregation=args.aggregation, steps=n_steps, warmup=args.warmup)
+                                dtype=args.dtype, aggregation=args.aggregation, steps=n_steps, warmup=args.warmup,
+                                lora=rank)
                     row = _run_isolated(spec, child_env) if isolate else run_safe(spec)
-                    name = f"{shape.preset} R={shape.response} remat={remat} attn={attention} head={head}"
+                    name = (f"{shape.preset} R={shape.response} remat={remat} attn={attention} head={head}"
+                            + (f" lora={rank}" if rank else ""))
                     if row["status"] == "ok":
                         row["mfu_pct"] = 100.0 * row["flops_per_step"] / row["step_s"] / peak
                         row["peak_gib"] = (row["peak_bytes"] or float("nan")) / 2**30

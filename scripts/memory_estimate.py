@@ -29,7 +29,12 @@ not divide is replicated here as it is in a run. Activations follow jopd's code 
   ``precision.param_dtype``; a bf16 line is given for comparison) and one forward (no gradient) with the chunked
   head;
 - online OPD (standard OPD, for comparison): the student's train state plus a live teacher, with the largest of
-  the three working sets.
+  the three working sets;
+- LoRA (``sft.lora`` / ``opd.lora`` or an arm's ``lora`` with rank > 0, or ``--lora RANK``): the train step again
+  with a frozen base (jopd/models/lora.py), next to the full fine-tuning one: the base params stay resident in the
+  param dtype but get no gradient and no Adam moments; the adapters (their exact shapes and shardings,
+  ``jopd.models.lora.adapter_shapes`` / ``adapter_logical_axes``) get both; the gathered layer weights and the
+  output head need no gradient buffer; each adapted projection adds a ``[B, S, r]`` intermediate.
 
 What is not modelled: XLA's own scratch and fragmentation, communication buffers beyond one gathered layer, the
 CUDA/TPU runtime (≈ 1-2 GiB on a GPU), host memory. These are computed estimates, not measurements.
@@ -112,6 +117,35 @@ def resolve_mesh(mesh_cfg: Any, devices: int) -> dict[str, int]:
 
     return MeshConfig(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor,
                       expert=mesh_cfg.expert).resolve(devices)
+
+
+def _local_elems(shape: tuple[int, ...], ax: tuple, mesh_shape: dict[str, int]) -> int:
+    """Elements of one device's shard of an array with logical axes ``ax`` (jopd's sharding rules)."""
+    from jopd.sharding import logical_to_spec
+
+    m = SimpleNamespace(shape=dict(mesh_shape))
+    spec = logical_to_spec(ax, shape, m)
+    n = 1
+    for dim, s in zip(shape, spec):
+        parts = s if isinstance(s, tuple) else ((s,) if s else ())
+        n *= dim // math.prod(m.shape[a] for a in parts)
+    return n
+
+
+def sharded_adapter_bytes(mcfg: Any, spec: Any, mesh: dict[str, int], bytes_per: int) -> dict[str, int]:
+    """Count, total and per-device bytes of the LoRA adapters of ``spec`` on ``mcfg``, sharded like a run."""
+    import jax
+
+    from jopd.models import lora
+
+    cfg = mcfg.replace(attention_impl="xla", lora=spec)
+    shapes, axes = lora.adapter_shapes(cfg), lora.adapter_logical_axes(cfg)
+    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
+    leaves = list(zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=is_axes)))
+    count = sum(math.prod(x.shape) for x, _ in leaves)
+    per_dev = sum(_local_elems(x.shape, ax, mesh) for x, ax in leaves)
+    return {"count": count, "total": count * bytes_per, "per_device": per_dev * bytes_per,
+            "targets": len(spec.targets)}
 
 
 def sharded_param_bytes(mcfg: Any, mesh: dict[str, int], bytes_per: int) -> dict[str, int]:
@@ -209,8 +243,27 @@ def attention_lines(m: Any, b: int, q: int, s: int, tp: int, cb: int, impl: str,
     return [Line("attention scores (xla)", f"{pre}B·H/tp·Sq·Sk·(4 + cb) + B·Sq·Sk (mask)", mult * scores, "work")]
 
 
+def lora_specs(cfg: Any, rank: int | None) -> dict[str, Any]:
+    """The LoRA settings the estimate shows a frozen-base step for: {"sft": spec, "opd": spec} (the config's
+    sft.lora; opd.lora or the first arm with its own); ``rank`` (--lora) sets both (alpha 2 * rank, every
+    projection) where the config has none."""
+    from jopd.models.config import LoraSpec
+
+    out = {}
+    if cfg.sft.lora.enabled:
+        out["sft"] = cfg.sft.lora.spec()
+    arm_specs = [a.lora_section(cfg.opd).spec() for a in cfg.arms]
+    opd = next((s for s in arm_specs if s is not None), None)
+    if opd is not None:
+        out["opd"] = opd
+    if rank:
+        for key in ("sft", "opd"):
+            out.setdefault(key, LoraSpec(rank=rank, alpha=2.0 * rank))
+    return out
+
+
 def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prompt_len: int,
-             hbm_gib: float | None) -> dict[str, Any]:
+             hbm_gib: float | None, lora_rank: int | None = None) -> dict[str, Any]:
     p = cfg.precision
     pb, cb = DTYPE_BYTES[p.param_dtype], DTYPE_BYTES[p.compute_dtype]
     tp = mesh["tensor"]
@@ -221,24 +274,45 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
     tpar_bf16 = sharded_param_bytes(teacher, mesh, 2)
     stages: dict[str, list[Line]] = {}
 
-    def train_lines(loop: Any, resp_len: int) -> list[Line]:
+    def train_lines(loop: Any, resp_len: int, lora: Any = None) -> list[Line]:
         micro = loop.micro_batch_size or loop.batch_size
         n_micro = loop.batch_size // micro
         b = _div(micro, batch_div)
         s = _div(prompt_len + resp_len, 64) * 64  # the loader rounds the longest row up to a multiple of 64
         m = student
-        lines = [
-            Line("params (master)", f"N·{pb} / shards = {sp['count'] / 1e9:.3f}e9·{pb} sharded", sp["per_device"]),
-            Line("Adam moments", f"2 × N·{pb} / shards", 2 * sp["per_device"]),
-            Line("gradients", f"N·{pb} / shards" + (" × 2 (fp32 accumulator, micro-batching)" if n_micro > 1
-                                                     else ""), sp["per_device"] * (2 if n_micro > 1 else 1)),
-        ]
+        accum = " × 2 (fp32 accumulator, micro-batching)" if n_micro > 1 else ""
+        if lora is None:
+            lines = [
+                Line("params (master)", f"N·{pb} / shards = {sp['count'] / 1e9:.3f}e9·{pb} sharded",
+                     sp["per_device"]),
+                Line("Adam moments", f"2 × N·{pb} / shards", 2 * sp["per_device"]),
+                Line("gradients", f"N·{pb} / shards" + accum, sp["per_device"] * (2 if n_micro > 1 else 1)),
+            ]
+        else:
+            ad = sharded_adapter_bytes(m, lora, mesh, 4)  # float32 adapters whatever the base's dtype
+            lines = [
+                Line("frozen base params", f"N·{pb} / shards = {sp['count'] / 1e9:.3f}e9·{pb} sharded (no grad, "
+                     "no moments)", sp["per_device"]),
+                Line("LoRA adapters (trained, fp32)", f"N_A·4 / shards, N_A = {ad['count'] / 1e6:.2f}e6 "
+                     f"(r {lora.rank}, {len(lora.targets)} targets)", ad["per_device"]),
+                Line("Adam moments (adapters)", "2 × N_A·4 / shards", 2 * ad["per_device"]),
+                Line("gradients (adapters)", "N_A·4 / shards" + accum,
+                     ad["per_device"] * (2 if n_micro > 1 else 1)),
+            ]
         if mesh["fsdp"] > 1 or cb != pb:
-            lw = sp["layer_gathered_elems"]
-            lines.append(Line("gathered layer weights + grad", f"layer/tp·({cb} + 4) (all-gather, cast to compute;"
-                                                                " grad before reduce-scatter)", lw * (cb + 4), "work"))
-            hw = sp["head_gathered_elems"]
-            lines.append(Line("gathered output head + grad", f"D·V/tp·({cb} + 4)", hw * (cb + 4), "work"))
+            lw, hw = sp["layer_gathered_elems"], sp["head_gathered_elems"]
+            if lora is None:
+                lines.append(Line("gathered layer weights + grad", f"layer/tp·({cb} + 4) (all-gather, cast to "
+                                  "compute; grad before reduce-scatter)", lw * (cb + 4), "work"))
+                lines.append(Line("gathered output head + grad", f"D·V/tp·({cb} + 4)", hw * (cb + 4), "work"))
+            else:
+                lines.append(Line("gathered layer weights (frozen: no grad)", f"layer/tp·{cb}", lw * cb, "work"))
+                lines.append(Line("gathered output head (frozen: no grad)", f"D·V/tp·{cb}", hw * cb, "work"))
+        if lora is not None:
+            kept = 1 if p.remat in ("full", "dots") else m.num_layers
+            lines.append(Line("adapter intermediates", f"{'' if kept == 1 else 'L × '}2 × B·S·r·targets·cb "
+                              "(x·A and its gradient)", kept * 2 * b * s * lora.rank * len(lora.targets) * cb,
+                              "work"))
         ckpt = m.num_layers * b * s * m.hidden_size * cb
         ws, ws_f = layer_working_set(m, b, s, tp, cb, grad=True)
         if p.remat in ("full", "dots"):
@@ -269,6 +343,16 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
 
     stages["sft train step"], sft_dims = train_lines(cfg.sft, cfg.teacher_data.max_new_tokens)
     stages["opd train step"], opd_dims = train_lines(cfg.opd, cfg.rollout.max_new_tokens)
+    specs = lora_specs(cfg, lora_rank)
+    lora_stages = {}
+    for key, loop, resp in (("sft", cfg.sft, cfg.teacher_data.max_new_tokens),
+                            ("opd", cfg.opd, cfg.rollout.max_new_tokens)):
+        if key in specs:
+            name = f"{key} train step, LoRA r={specs[key].rank}"
+            stages[name] = train_lines(loop, resp, specs[key])[0]
+            lora_stages[key] = {"stage": name, "rank": specs[key].rank, "alpha": specs[key].alpha,
+                                "targets": list(specs[key].targets),
+                                "adapter_params": sharded_adapter_bytes(student, specs[key], mesh, 4)["count"]}
 
     # ---- rollout generation (policy = SFT student) -----------------------------------------------------
     def gen_lines(m: Any, params: dict, batch_size: int, max_new: int, label: str) -> tuple[list[Line], dict]:
@@ -335,6 +419,7 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
         "dims": {"sft": sft_dims, "opd": opd_dims, "generation": gen_dims, "teacher_generation": tgen_dims,
                  "precompute": pre_dims,
                  "prompt_len": prompt_len},
+        "lora": lora_stages,
         "stages": {},
     }
     for name, lines in stages.items():
@@ -400,6 +485,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="longest prompt in tokens (default: 96 for the arithmetic task, 1024 for prompt files)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, as on the jopd command line (e.g. precision.attention_impl=xla)")
+    ap.add_argument("--lora", type=int, metavar="RANK",
+                    help="also estimate the SFT / OPD train steps with LoRA adapters of this rank (alpha 2*RANK, "
+                         "every projection) where the config has no LoRA settings of its own")
     ap.add_argument("--json", help="write the estimate as JSON here")
     ap.add_argument("--title", help="heading of the table")
     ap.add_argument("--quiet", action="store_true", help="no table on stdout")
@@ -430,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   "student")
     prompt_len = args.prompt_len or (96 if cfg.task.kind == "arithmetic" else 1024)
     hbm = args.hbm_gib if args.hbm_gib is not None else (HBM_PRESETS_GIB[args.hbm] if args.hbm else None)
-    est = estimate(cfg, student, teacher, mesh, prompt_len=prompt_len, hbm_gib=hbm)
+    est = estimate(cfg, student, teacher, mesh, prompt_len=prompt_len, hbm_gib=hbm, lora_rank=args.lora)
     est.update(config=args.config, overrides=args.set, student_source=s_src, teacher_source=t_src, teacher_name=tname)
     if not args.quiet:
         print(render(est, args.title or f"{args.config}: student {s_src}, teacher {tname} {t_src}"))

@@ -503,7 +503,7 @@ def adapter_state_dict(model: Model) -> Iterator[tuple[str, np.ndarray]]:
 def save_adapter(model: Model, out_dir: str | os.PathLike, *, base_model: str | None = None) -> str:
     """Write a LoRA model's adapters alone, in PEFT's format (docs/lora.md): ``adapter_config.json`` (``r``,
     ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``base_model_name_or_path`` = ``base_model``) and
-    ``adapter_model.safetensors`` (:func:`adapter_state_dict`, the params' dtype), atomically; process 0 writes
+    ``adapter_model.safetensors`` (:func:`adapter_state_dict`, the adapters' float32), atomically; process 0 writes
     (all processes must call it: gathering is collective)."""
     out_dir = os.fspath(out_dir)
     tensors = list(adapter_state_dict(model))
@@ -524,7 +524,7 @@ def save_adapter(model: Model, out_dir: str | os.PathLike, *, base_model: str | 
 
 def load_adapter(path: str | os.PathLike, model: Model) -> Model:
     """``model`` (a plain model: the adapter's base) with the PEFT-format adapter of ``path`` attached, as a LoRA
-    model (adapters in ``model.config.param_dtype``, sharded like their kernels). Refused with a
+    model (adapters in :func:`jopd.models.lora.adapter_dtype`, sharded like their kernels). Refused with a
     :class:`CheckpointError` naming the problem: a PEFT variant jopd does not compute (rsLoRA, DoRA, biases,
     a subset of layers), an unknown target module, a missing, unexpected or mis-shaped tensor."""
     path = os.fspath(path)
@@ -566,7 +566,7 @@ def load_adapter(path: str | os.PathLike, model: Model) -> Model:
             for which, orient in (("a", "lora_A"), ("b", "lora_B")):
                 name = f"{target}_lora_{which}"
                 shape = tuple(shapes["layers"][module][name].shape)
-                buf = np.empty(shape, jnp.dtype(cfg.param_dtype))
+                buf = np.empty(shape, lora.adapter_dtype(cfg))
                 for lead, prefix in _adapter_units(cfg, target):
                     key = f"{prefix}.{orient}.weight"
                     expected.add(key)

@@ -5,10 +5,11 @@ the adapters under ``params["lora"]``. Each targeted projection ``W`` (jopd layo
 computes ``x @ W + (alpha / rank) * (dropout(x) @ A) @ B`` (:func:`jopd.models.decoder.project`): ``A`` has the
 kernel's input dimensions and ``rank``, ``B`` has ``rank`` and the kernel's output dimensions. ``B`` starts at
 zero, so a fresh LoRA model computes exactly what its base does; ``A`` starts like PEFT's
-(``kaiming_uniform(a=sqrt(5))``: uniform in ``±1 / sqrt(fan_in)``). Training takes gradients and keeps optimizer
+(``kaiming_uniform(a=sqrt(5))``: uniform in ``±1 / sqrt(fan_in)``). Adapters are float32 master weights even on a
+bfloat16 base (:func:`adapter_dtype`; they are cast to the compute dtype like the kernels). Training takes gradients and keeps optimizer
 state for ``params["lora"]`` only (jopd.training); the base is never copied or changed.
 
-Adapter tree (``L`` layers, ``r`` rank, ``E`` experts; leaf names follow the kernels'), in the params' dtype::
+Adapter tree (``L`` layers, ``r`` rank, ``E`` experts; leaf names follow the kernels')::
 
     layers/attn/{q_lora_a [L, D, r], q_lora_b [L, r, H, Dh], k_lora_a, v_lora_a [L, D, r],
                  k_lora_b, v_lora_b [L, r, K, Dh], o_lora_a [L, H, Dh, r], o_lora_b [L, r, D]}
@@ -39,7 +40,7 @@ from jopd.models.config import LORA_TARGETS, LoraSpec, ModelConfig
 from jopd.models.decoder import LORA
 
 __all__ = ["LORA", "LORA_TARGETS", "LoraSpec", "adapter_logical_axes", "adapter_shapes", "adapter_shardings",
-           "count", "describe", "init_adapters", "is_lora", "merge", "merged_kernel", "split", "with_adapters"]
+           "adapter_dtype", "count", "describe", "init_adapters", "is_lora", "merge", "merged_kernel", "split", "with_adapters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,15 @@ def _tree(config: ModelConfig, leaf) -> dict:
     return {"layers": layers}
 
 
+def adapter_dtype(config: ModelConfig) -> Any:
+    """The adapters' (master) dtype: float32, or the params' when wider (float64 reference tests). A bfloat16
+    base keeps float32 adapters: they are small, and their Adam updates need the precision."""
+    return jnp.promote_types(jnp.dtype(config.param_dtype), jnp.float32)
+
+
 def adapter_shapes(config: ModelConfig) -> dict:
-    """``jax.ShapeDtypeStruct`` of every adapter of ``config.lora`` (the params' dtype), no allocation."""
-    dtype = jnp.dtype(config.param_dtype)
+    """``jax.ShapeDtypeStruct`` of every adapter of ``config.lora`` (:func:`adapter_dtype`), no allocation."""
+    dtype = adapter_dtype(config)
     return _tree(config, lambda _t, _w, dims: jax.ShapeDtypeStruct(tuple(s for s, _ in dims), dtype))
 
 
@@ -112,10 +119,10 @@ def adapter_shardings(config: ModelConfig, mesh) -> dict:
 
 def init_adapters(config: ModelConfig, seed: int = 0, mesh=None) -> dict:
     """Fresh adapters for ``config.lora``: every ``A`` uniform in ``±1 / sqrt(fan_in)`` (PEFT's default, fan_in =
-    the kernel's input size), every ``B`` zero, in the params' dtype; placed on ``mesh`` (sharded like the
+    the kernel's input size), every ``B`` zero, in :func:`adapter_dtype`; placed on ``mesh`` (sharded like the
     kernels) when given. Target ``t``'s ``A`` is drawn from ``fold_in(PRNGKey(seed), index of t in
     LORA_TARGETS)``, so a target's adapter does not depend on which other targets are on."""
-    dtype = jnp.dtype(config.param_dtype)
+    dtype = adapter_dtype(config)
     key = jax.random.PRNGKey(seed)
 
     def leaf(name: str, which: str, dims) -> Any:

@@ -4,20 +4,23 @@ The arm is ``export.arm`` (default: the first arm); its model is written with th
 ``export.dtype`` weights, then checked: jopd loads it back and its log-probs on a couple of held-out prompts equal
 the source model's (exactly for a same-dtype export; a bfloat16 one is recorded, not enforced); when torch is
 importable, transformers loads it and its log-probs match jopd's to 1e-4 (float32 both). Without torch that check
-is skipped with a note.
+is skipped with a note. A LoRA arm's export is its merged model; the stage also checks it against the adapter model
+(the SFT model with ``arms/NAME/adapter`` loaded back) to 1e-4, and ``export.adapter`` copies that adapter (PEFT
+format) to ``export/adapter``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jopd.io import atomic_write_json, read_jsonl
-from jopd.models import load_pretrained, save_pretrained, token_logprobs
+from jopd.models import load_adapter, load_pretrained, save_pretrained, token_logprobs
 from jopd.pipeline import Run, StageError, barrier
 from jopd.sharding import to_host
 
@@ -57,9 +60,16 @@ def _source(run: Run) -> Path:
     return src
 
 
+def _adapter(run: Run) -> Path | None:
+    """The exported arm's adapter (a LoRA arm), else None."""
+    path = run.layout.arm_adapter(export_arm(run))
+    return path if run.cfg.arm(export_arm(run)).lora_section(run.cfg.opd).enabled and path.is_dir() else None
+
+
 def inputs(run: Run) -> dict[str, Any]:
+    # export.adapter is out of the section's repr: recorded only when on (existing run dirs keep fingerprints).
     return {"export": run.cfg.export, "arm": export_arm(run), "model": run.fingerprint(_source(run)),
-            "prepare": run.upstream("prepare")}
+            "prepare": run.upstream("prepare"), **({"adapter": True} if run.cfg.export.adapter else {})}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -75,6 +85,13 @@ def execute(run: Run) -> dict[str, Any]:
     save_pretrained(model, out_dir, tokenizer_dir=str(layout.tokenizer), dtype=dtype)
     if started_text is not None and run.is_main:
         started.write_text(started_text)
+    adapter = _adapter(run)
+    if cfg.export.adapter:
+        if adapter is None:
+            raise StageError(f"export.adapter: arm {export_arm(run)!r} has no adapter at "
+                             f"{layout.arm_adapter(export_arm(run))} (was it trained with LoRA?)")
+        if run.is_main:
+            shutil.copytree(adapter, layout.export_adapter)
     barrier("export-written")
 
     rows = [list(map(int, r["prompt_ids"])) for r in read_jsonl(layout.prompts("eval"))[:CHECK_ROWS]]
@@ -95,6 +112,17 @@ def execute(run: Run) -> dict[str, Any]:
     if dtype == model.config.param_dtype and summary["jopd_vs_source_max_abs_diff"] > TOLERANCE:
         raise StageError(f"export: the exported model's log-probs differ from the source's by "
                          f"{summary['jopd_vs_source_max_abs_diff']:.2e} (> {TOLERANCE})")
+    if adapter is not None:
+        # The merged export against the adapter it merged: the SFT model with the saved adapter loaded back.
+        base = load_pretrained(layout.sft_model, "float32", mesh=run.mesh, **fp32)
+        adapter_model = load_adapter(adapter, base)
+        adapter_lp = to_host(token_logprobs(adapter_model, tokens, mask))
+        summary["lora"] = {"adapter": str(adapter), "rank": adapter_model.config.lora.rank,
+                           "adapter_vs_export_max_abs_diff": float(np.max(np.abs(exp_lp - adapter_lp))),
+                           **({"adapter_copy": str(layout.export_adapter)} if cfg.export.adapter else {})}
+        if dtype == model.config.param_dtype and summary["lora"]["adapter_vs_export_max_abs_diff"] > TOLERANCE:
+            raise StageError(f"export: the merged model's log-probs differ from its adapter model's (SFT model + "
+                             f"{adapter}) by {summary['lora']['adapter_vs_export_max_abs_diff']:.2e} (> {TOLERANCE})")
     if not run.is_main:
         return summary  # transformers runs on one host
     if importlib.util.find_spec("torch") is None:

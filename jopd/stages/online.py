@@ -32,7 +32,7 @@ def inputs(run: Run) -> dict[str, Any]:
                          "max_new_tokens": r.max_new_tokens},
             "teachers": {t: run.fingerprint(run.layout.teacher(t)) for t in _teacher_names(run, online)},
             "sft": run.upstream("sft"), "prepare": run.upstream("prepare"), **arms.objective_inputs(run, online),
-            **arms.ppo_inputs(run), **route_inputs(run, online)}
+            **arms.ppo_inputs(run), **route_inputs(run, online), **arms.lora_inputs(run, online)}
 
 
 def _teacher_names(run: Run, arm_list: list[Any]) -> list[str]:
@@ -73,7 +73,7 @@ def execute(run: Run) -> dict[str, Any]:
             info = arms.teacher_info(run, arm, "online", teacher_fp, check_teacher_consistency(run, arm, teacher_fp),
                                      objective=arms.objective(run, arm))
             teacher, route_index = teachers[arm.teacher], None
-        student = run.load_model(layout.sft_model)
+        student = arms.student(run, arm)
         batches = OnlineBatches(prompts, student, teacher, batch_size=cfg.opd.batch_size, seed=cfg.seed,
                                 sampling=cfg.rollout, stop_ids=stops, routes=route_index)
         model, loop = opd(student, batches, opd=cfg.opd, rows=cfg.opd.batch_size, ckpt_dir=layout.arm_ckpt(arm.name),

@@ -6,18 +6,20 @@ rollouts (padded or packed batches, ``sft.token_budget``), and ``jopd.training.s
 response-token cross-entropy, AdamW with warm-up/decay and clipping, Orbax checkpoints that hold the loader's
 position, the held-out loss at step 0, every ``sft.eval_every`` steps and at the end. Writes ``sft/model`` (HF)
 and ``sft/meta.json`` with the SFT-data teacher's name and fingerprint (the teacher-consistency record; multi-teacher
-runs: ``sft_teachers``, every route's teacher and fingerprint).
+runs: ``sft_teachers``, every route's teacher and fingerprint). LoRA SFT (``sft.lora.rank`` > 0): only adapters on
+the base student's projections are trained; ``sft/model`` is the merged model and ``sft/adapter`` the adapter alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from jopd.data.splits import heldout_split
 from jopd.data.store import write_sequences
 from jopd.io import atomic_write_json, read_json, read_jsonl
-from jopd.models import save_pretrained
+from jopd.models import lora, save_adapter, save_pretrained
 from jopd.multi_teacher import sft_teachers_record
 from jopd.pipeline import Run, StageError, barrier
 from jopd.training import supervised
@@ -26,8 +28,11 @@ log = logging.getLogger("jopd")
 
 
 def inputs(run: Run) -> dict[str, Any]:
+    # sft.lora is out of the section's repr: recorded only when on, so existing run directories keep their
+    # fingerprints.
+    lora_on = {"lora": dataclasses.asdict(run.cfg.sft.lora)} if run.cfg.sft.lora.enabled else {}
     return {"sft": run.cfg.sft, "seed": run.cfg.seed, "precision": run.cfg.precision,
-            "teacher_data": run.upstream("teacher_data"), "prepare": run.upstream("prepare")}
+            "teacher_data": run.upstream("teacher_data"), "prepare": run.upstream("prepare"), **lora_on}
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -51,12 +56,17 @@ def execute(run: Run) -> dict[str, Any]:
     if "teachers" in td_meta:  # multi-teacher: each route's SFT data has its own teacher
         who = sft_teachers_record(td_meta["teachers"])
     model = run.load_model(layout.student_base)
+    if (spec := cfg.sft.lora.spec()) is not None:
+        model = lora.with_adapters(model, spec, seed=cfg.seed)
     log.info("sft: %d examples from teacher %s", len(rows), who["sft_teacher_name"])
     model, summary = supervised(model, train_store=layout.sft_store, heldout_store=heldout_store if held else None,
                                 loop=cfg.sft, optim=cfg.sft.optim, seed=cfg.seed, ckpt_dir=layout.sft_ckpt,
                                 logger=run.metrics_logger("sft"), name="sft",
                                 hooks=run.hooks)
-    save_pretrained(model, layout.sft_model, tokenizer_dir=str(layout.tokenizer))
+    save_pretrained(model, layout.sft_model, tokenizer_dir=str(layout.tokenizer))  # a LoRA model: merged
+    if spec is not None:
+        save_adapter(model, layout.sft_adapter, base_model=str(layout.student_base))
+        summary["lora"] = {**lora.describe(model), "adapter_path": str(layout.sft_adapter)}
     barrier("sft-export")
     meta = {**who, "model_fingerprint": run.fingerprint(layout.sft_model), "model_path": str(layout.sft_model),
             "examples": len(rows), "train_examples": len(train), "heldout_examples": len(held), **summary}

@@ -92,6 +92,7 @@ def inputs(run: Run) -> dict[str, Any]:
     return {"opd": run.cfg.opd, "arms": lightning, "seed": run.cfg.seed, "precision": run.cfg.precision,
             "sft": run.upstream("sft"), "precompute": run.upstream("precompute"),
             **arms.objective_inputs(run, lightning), **arms.ppo_inputs(run), **arms.refresh_inputs(run, lightning),
+            **arms.lora_inputs(run, lightning),
             **route_inputs(run, lightning)}
 
 
@@ -120,7 +121,7 @@ def execute(run: Run) -> dict[str, Any]:
                                  shuffle=cfg.opd.shuffle)
         except ValueError as e:  # e.g. fewer rows than one batch
             raise StageError(f"arm {arm.name!r}: cannot batch {source}: {e}") from e
-        student = run.load_model(layout.sft_model)
+        student = arms.student(run, arm)
         batches, extra_hooks, phases = data, [], None
         if arm.refresh(cfg.opd):
             batches = refreshing_batches(run, arm, data, student=student, teacher=teachers.__getitem__,
