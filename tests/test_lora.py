@@ -504,6 +504,7 @@ def test_cli_trains_lora_sft_and_a_lora_arm(tmp_path):
     assert "arm:lora_A" in results
     done = json.loads((run_dir / "train" / "DONE.json").read_text())
     assert done["inputs"]["lora"]["lora_A"]["rank"] == 4
+    assert "LoRA r=4 (q/v/gate/up/down)" in (run_dir / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------- the memory estimator

@@ -91,6 +91,7 @@ class ArmInfo:
     eval_rows: list[dict[str, Any]]
     final: dict[str, Any] | None  # eval/results.json entry
     refresh: dict[str, Any] | None = None  # meta.json's refresh-schedule record (refresh_every > 0)
+    lora: dict[str, Any] | None = None  # meta.json's LoRA record (rank, targets, sizes) of a LoRA student
 
 
 def steady_steps(step_rows: list[dict[str, Any]], factor: float = COMPILE_OUTLIER_FACTOR
@@ -140,7 +141,8 @@ def gather_arm(layout: RunLayout, arm: ArmSection, results: dict[str, Any]) -> A
                    tokens=tokens, steps=steps, step_s=step_s, phases=phases,
                    eval_rows=sorted(eval_rows, key=lambda r: r.get("step", 0)),
                    final=results.get(f"arm:{arm.name}"),
-                   refresh=meta.get("refresh") if isinstance(meta.get("refresh"), dict) else None)
+                   refresh=meta.get("refresh") if isinstance(meta.get("refresh"), dict) else None,
+                   lora=meta.get("lora") if isinstance(meta.get("lora"), dict) else None)
 
 
 def final_metric(arm: ArmInfo, key: str) -> float | None:

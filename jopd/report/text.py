@@ -184,6 +184,8 @@ def render_report(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
         if res is None and a.eval_rows:
             res = {"accuracy": final_metric(a, "accuracy"), "reverse_kl": final_metric(a, "reverse_kl")}
         kind = f"lightning OPD, refresh every {a.refresh['every']}" if a.refresh else f"{a.mode} OPD"
+        if a.lora:
+            kind += f", LoRA r={a.lora.get('rank')} ({'/'.join(a.lora.get('targets', []))})"
         lines.append(row(f"arm {a.name}", kind, a.teacher, cons, res, a.wall_s, a.tokens,
                          missing="not evaluated" if a.trained else "not trained"))
     if not any(a.mode == "online" for a in cfg.arms):
