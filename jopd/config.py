@@ -1078,7 +1078,7 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[str]:
         inner = [a for a in (typing.get_args(tp) or ()) if dataclasses.is_dataclass(a)]
         nested = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
         if nested is not None:
-            rows.append(f"| `{key}` | {_type_name(tp)} | | {f.metadata.get('doc', '')} |")
+            rows.append(f"| `{key}` | {_type_name(tp).replace('|', 'or')} | | {f.metadata.get('doc', '')} |")
             rows += config_reference(nested, key + ("[].", ".", ".NAME.")[
                 2 if typing.get_origin(tp) is dict else (0 if typing.get_origin(tp) is list else 1)])
         else:
