@@ -136,8 +136,10 @@ class TaskSection:
     eval_prompt_file: str | None = doc(
         "JSONL/Parquet of held-out eval prompts (kind=prompt_file); null = hold out num_eval_prompts of the OPD "
         "prompt source. Eval prompts are removed from the SFT and OPD prompts either way.", None)
-    difficulty: list[int] = doc("Arithmetic: numbers of operations to draw problems from.",
-                                default_factory=lambda: [1, 2])
+    difficulty: list[int] = doc(
+        "Arithmetic: difficulty levels to draw problems from (jopd.data.arithmetic.DIFFICULTY_LEVELS): 1-3 mix "
+        "+ - * expressions and word problems with up to 1, 2, 3 operations; 4 = sums of 3-5 terms 1..29.",
+        default_factory=lambda: [1, 2])
     sft_difficulty: list[int] | None = doc(
         "Arithmetic: levels of the SFT prompts only (null = `difficulty`). Lets the OPD/eval prompts reach beyond "
         "what the SFT data covered, as in the paper (SFT and OPD prompts from different sources).", None)
@@ -155,13 +157,16 @@ class TaskSection:
                     errors.append(f"{where}.prompt_file: required when {where}.kind is prompt_file and "
                                   f"{where}.{split}_prompt_file is not set")
                     break
+        from jopd.data.arithmetic import DIFFICULTY_LEVELS
+
+        known = f"{min(DIFFICULTY_LEVELS)}..{max(DIFFICULTY_LEVELS)}"
         for name in ("difficulty", "sft_difficulty"):
             levels = getattr(self, name)
             if levels is not None and not levels:
-                errors.append(f"{where}.{name}: must list at least one level (1..3)")
+                errors.append(f"{where}.{name}: must list at least one level ({known})")
             for d in levels or []:
-                if not isinstance(d, int) or not 1 <= d <= 3:
-                    errors.append(f"{where}.{name}: values must be 1..3, got {d!r}")
+                if not isinstance(d, int) or isinstance(d, bool) or d not in DIFFICULTY_LEVELS:
+                    errors.append(f"{where}.{name}: values must be {known}, got {d!r}")
         return errors
 
 
@@ -174,8 +179,8 @@ class RoutingSection:
     field: str | None = doc(
         "The prompt field whose value is each prompt's route. Prompt files: a field of every row (a dotted path "
         "into nested objects allowed, e.g. `teacher`, `domain`, `data_source`, `extra_info.subject`; a string or "
-        "integer). The arithmetic task: `level` (the difficulty level 1..3 the problem was drawn from), `kind` "
-        "(`expr` or `word`) or `num_ops` (1..3). null = no routing: `sft_teacher` writes every SFT response and "
+        "integer). The arithmetic task: `level` (the difficulty level 1..4 the problem was drawn from), `kind` "
+        "(`expr` or `word`) or `num_ops` (1..4). null = no routing: `sft_teacher` writes every SFT response and "
         "each arm has one `teacher`.", None)
     teachers: dict[str, str] = doc(
         "Route value -> teacher: the teacher that writes the SFT data of the route's prompts (the consistent "
@@ -315,7 +320,11 @@ class TrainLoop:
 class TeacherSection:
     path: str | None = doc("HF directory of the teacher; null = build it in-run (see init/style).", None)
     init: ArchSection | None = doc("Architecture of a teacher built in-run from scratch.", None)
-    style: Literal["A", "B"] = doc("Arithmetic task: solution style an in-run teacher is trained to write.", "A")
+    style: Literal["A", "B", "A2"] = doc(
+        "Arithmetic task: solution style an in-run teacher is trained to write: A (steps left to right, "
+        "`answer: X`), B (the expression rewritten after each step, `#### X`) or A2 (style A, with the terms of a "
+        "sum of 3+ terms added left to right or right to left, one order per solution at random: a multi-modal "
+        "teacher).", "A")
     pretrain: TrainLoop = doc("Training loop of an in-run teacher.", default_factory=TrainLoop)
     pretrain_optim: OptimSection = doc("Optimizer of an in-run teacher.", default_factory=OptimSection)
     pretrain_examples: int = doc("Solved problems an in-run teacher is trained on.", 4096)

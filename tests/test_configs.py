@@ -130,8 +130,8 @@ def test_sft_difficulty_applies_to_the_sft_prompts_only():
     assert {p.meta["num_ops"] for p in problems["sft"]} == {1}
     for split in ("opd", "eval"):
         assert max(p.meta["num_ops"] for p in problems[split]) == 2
-    with pytest.raises(ConfigValidationError, match=r"task\.sft_difficulty: values must be 1\.\.3, got 4"):
-        load_config(data={**base, "task": {**task, "sft_difficulty": [4]}})
+    with pytest.raises(ConfigValidationError, match=r"task\.sft_difficulty: values must be 1\.\.4, got 5"):
+        load_config(data={**base, "task": {**task, "sft_difficulty": [5]}})
 
 
 def test_separate_sft_and_opd_prompt_files(tmp_path):
@@ -232,7 +232,7 @@ def test_every_section_reports_its_problems_with_dotted_paths_all_at_once() -> N
         eval={"top_p": 1.5, "max_new_tokens": 0, "samples_per_prompt": 2, "temperature": 0.0},
         sft={"steps": 0, "optim": {"lr": 0.0}}, opd={"eps_low": -0.1, "tis_cap": 0.0, "optim": {"b2": 1.0}},
         teachers={"A": {"init": _ARCH, "pretrain": {"batch_size": 0}, "pretrain_optim": {"lr": -1.0}}},
-        task={"difficulty": [4]})
+        task={"difficulty": [5]})
     expected = [
         "mesh.data: must be positive or -1", "mesh: at most one axis may be -1",
         "teacher_data.top_p: must be in (0, 1], got 0.0", "rollout.temperature: must be >= 0, got -1.0",
@@ -241,7 +241,7 @@ def test_every_section_reports_its_problems_with_dotted_paths_all_at_once() -> N
         "sft.steps: must be > 0, got 0", "sft.optim.lr: must be > 0, got 0.0", "opd.eps_low: must be >= 0",
         "opd.tis_cap: must be > 0", "opd.optim.b2: must be in [0, 1), got 1.0",
         "teachers.A.pretrain.batch_size: must be > 0, got 0", "teachers.A.pretrain_optim.lr: must be > 0",
-        "task.difficulty: values must be 1..3, got 4",
+        "task.difficulty: values must be 1..4, got 5",
     ]
     for text in expected:
         assert any(p.startswith(text) for p in problems), (text, problems)

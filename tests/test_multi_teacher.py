@@ -127,8 +127,8 @@ def test_config_checks_the_route_maps_and_keeps_one_teacher_runs_unchanged():
     assert scored_routes(swapped) == {"A": ["1", "2"], "B": ["1", "2"]}  # a lightning swap needs both
 
     assert "routing.teachers.3: unknown teacher 'C'" in _problems("routing.teachers={1: A, 3: C}")
-    assert "'4' is not a value of the arithmetic task's 'level' (values: 1, 2, 3)" in _problems(
-        "routing.teachers={1: A, 2: B, 4: A}")
+    assert "'5' is not a value of the arithmetic task's 'level' (values: 1, 2, 3, 4)" in _problems(
+        "routing.teachers={1: A, 2: B, 5: A}")
     assert "routing.field: the arithmetic task routes by kind, level, num_ops, got 'colour'" in _problems(
         "routing.field=colour")
     assert "arms[0].teachers: must map the routes of routing.teachers (['1', '2']); missing ['2']" in _problems(

@@ -4,6 +4,7 @@ checking, prompt-file loading."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -18,8 +19,10 @@ from jopd.data.arithmetic import (
     Problem,
     is_heldout,
     make_problems,
+    solution_order,
     solution_style,
     solve,
+    sum_terms,
 )
 from jopd.data.grading import check_answer, extract_answer
 from jopd.data.prompt_files import PromptFileError, load_prompt_file
@@ -100,11 +103,13 @@ def test_unique_problems_and_exhaustion_error() -> None:
 
 
 def test_problem_lengths_fit_tiny_models() -> None:
+    # Levels 1-3 fit 60 characters; the sum chains of level 4 are the long-solution level (B restates 5 terms).
     for level in DIFFICULTY_LEVELS:
+        limit = 60 if level <= 3 else 80
         for p in make_problems("sft", 1000, seed=0, difficulty=level):
             assert len(p.prompt) <= 48
-            assert len(solve(p, "A")) <= 60
-            assert len(solve(p, "B")) <= 60
+            for style in ("A", "B", "A2"):
+                assert len(solve(p, style)) <= limit, (level, style, p.prompt)
     kinds = {p.meta["kind"] for p in make_problems("sft", 300, seed=0, difficulty=2)}
     assert kinds == {"expr", "word"}
 
@@ -124,16 +129,54 @@ def test_styles_on_the_canonical_example() -> None:
     assert solve(nested, "B") == "9-(2+3)*1 => 9-5*1 => 9-5 => 4\n#### 4"
 
 
-@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
 def test_both_styles_are_correct_and_distinct(level: int) -> None:
     for p in make_problems("opd", 500, seed=11, difficulty=level):
-        a, b = solve(p, "A"), solve(p, "B")
+        a, b, a2 = solve(p, "A"), solve(p, "B"), solve(p, "A2")
         assert a != b
-        assert solution_style(a) == "A" and solution_style(b) == "B"
-        for text in (a, b):
+        assert solution_style(a) == "A" and solution_style(b) == "B" and solution_style(a2) == "A"
+        for text in (a, b, a2):
             assert extract_answer(text, last_number_fallback=False) == p.answer
             assert check_answer(text, p.answer)
             assert not check_answer(text, str(int(p.answer) + 1))
+
+
+def test_level_4_is_flat_sum_chains() -> None:
+    problems = make_problems("sft", 2000, seed=0, difficulty=4)
+    assert {p.meta["num_ops"] for p in problems} == {2, 3, 4}
+    for p in problems:
+        terms = sum_terms(p.meta["expression"])
+        assert terms is not None and len(terms) == p.meta["num_ops"] + 1 and all(1 <= t <= 29 for t in terms)
+        assert "(" not in p.prompt and p.meta["kind"] == "expr" and sum(terms) == int(p.answer)
+    assert sum_terms("3+(4+5)") is None and sum_terms("3+4*5") is None and sum_terms("7") == [7]
+
+
+def test_style_a2_adds_in_one_of_two_orders() -> None:
+    left = Problem("Compute 12+7+31+5.", "55", {"expression": "12+7+31+5", "split": "sft", "index": 0})
+    texts = {}
+    for index in range(40):  # the order is a fixed hash of the problem and its index: both occur
+        p = Problem(left.prompt, left.answer, {**left.meta, "index": index})
+        texts[solution_order(p)] = solve(p, "A2")
+        assert solve(p, "A2") == solve(p, "A2")
+    assert texts == {"left": "12+7=19;19+31=50;50+5=55\nanswer: 55",
+                     "right": "5+31=36;36+7=43;43+12=55\nanswer: 55"}
+    # About half of a dataset in each order; every step a correct sum; the terms used each exactly once.
+    problems = make_problems("sft", 2000, seed=1, difficulty=4)
+    orders = [solution_order(p) for p in problems]
+    assert 0.45 < orders.count("right") / len(orders) < 0.55
+    for p, order in zip(problems, orders):
+        steps = [tuple(map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", s).groups()))
+                 for s in solve(p, "A2").split("\n")[0].split(";")]
+        assert all(a + b == c for a, b, c in steps)
+        used = [steps[0][0]] + [b for _, b, _ in steps]
+        terms = sum_terms(p.meta["expression"])
+        assert used == (terms if order == "left" else terms[::-1])
+    # Anything but a sum of three or more terms is solved as in style A.
+    others = [p for p in make_problems("sft", 300, seed=2, difficulty=2)
+              if len(sum_terms(p.meta["expression"]) or []) < 3]
+    assert len(others) > 200
+    for p in others:
+        assert solve(p, "A2") == solve(p, "A")
 
 
 def test_solve_rejects_bad_input() -> None:

@@ -13,7 +13,7 @@ Held-out guarantee
     from train (they may overlap each other) and "eval" from the held-out keys, so no held-out computation
     ever appears in training data, in any surface form.
 
-Solution styles (what the two teachers learn)
+Solution styles (what the teachers learn)
     A: left-to-right binary steps, then ``answer: X``::
 
         3+4=7;7*5=35;35-6=29
@@ -23,6 +23,22 @@ Solution styles (what the two teachers learn)
 
         (3+4)*5-6 => 7*5-6 => 35-6 => 29
         #### 29
+
+    A2: style A with two orders (a multi-modal teacher). A sum of three or more terms is added either left to
+    right or right to left, each solution consistently in one order, chosen at random per solution (a fixed hash
+    of the problem, so a dataset is reproducible); every other problem is solved as in A::
+
+        12+7=19;19+31=50;50+5=55        (Compute 12+7+31+5., left to right)
+        5+31=36;36+7=43;43+12=55        (the same problem, right to left)
+        answer: 55
+
+    Taking the next term in the chosen direction needs the solution's first step (which end it started from)
+    and where the last term taken sits in the prompt: a small model that cannot keep track mixes the orders and
+    skips or repeats a term.
+
+Level 4 (sum chains)
+    Sums of three to five terms 1..29 written left to right ("Compute 12+7+31+5."): long enough that one early
+    slip (a wrong sum, a skipped term) decides the answer, and the problems on which style A2 has two orders.
 
 Answers are checked by `jopd.data.grading.check_answer`, which reads both styles' final-answer markers.
 """
@@ -47,12 +63,14 @@ __all__ = [
     "make_problems",
     "ROUTE_FIELDS",
     "route_tag",
+    "solution_order",
     "solution_style",
     "solve",
+    "sum_terms",
 ]
 
 Split = Literal["sft", "opd", "eval"]
-Style = Literal["A", "B"]
+Style = Literal["A", "B", "A2"]
 
 # Fraction of canonical problem keys reserved for evaluation.
 EVAL_FRACTION = 0.2
@@ -86,6 +104,8 @@ class Difficulty:
         word_fraction: Probability of telling a problem as a word problem when its shape allows it (a chain
             of +, -, doubling/tripling/halving applied to a running total that fits ``max_prompt_chars``).
         max_prompt_chars: Word problems longer than this fall back to the expression form.
+        left_operand_prob: Probability that a new operand goes on the left of the running subexpression
+            ("x op (...)") rather than on its right; 0 gives flat left-to-right chains ("3+4+5").
     """
 
     min_ops: int = 1
@@ -96,6 +116,7 @@ class Difficulty:
     ops: str = "+-*"
     word_fraction: float = 0.25
     max_prompt_chars: int = 48
+    left_operand_prob: float = 0.3
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ops <= self.max_ops:
@@ -108,6 +129,8 @@ class Difficulty:
             raise ValueError(f"ops must be a non-empty subset of '+-*/', got {self.ops!r}")
         if not 0.0 <= self.word_fraction <= 1.0:
             raise ValueError(f"word_fraction must be in [0, 1], got {self.word_fraction}")
+        if not 0.0 <= self.left_operand_prob <= 1.0:
+            raise ValueError(f"left_operand_prob must be in [0, 1], got {self.left_operand_prob}")
 
 
 # Level n mixes 1..n operations so every level still contains easy problems to bootstrap learning.
@@ -115,6 +138,9 @@ DIFFICULTY_LEVELS: dict[int, Difficulty] = {
     1: Difficulty(min_ops=1, max_ops=1, max_operand=9, max_value=99),
     2: Difficulty(min_ops=1, max_ops=2, max_operand=9, max_value=99),
     3: Difficulty(min_ops=1, max_ops=3, max_operand=12, max_value=199),
+    # Sum chains of 3..5 terms: the multi-step task of the demo (see "Level 4" above).
+    4: Difficulty(min_ops=2, max_ops=4, min_operand=1, max_operand=29, max_value=199, ops="+", word_fraction=0.0,
+                  left_operand_prob=0.0),
 }
 
 
@@ -298,7 +324,7 @@ def _random_tree(rng: random.Random, num_ops: int, diff: Difficulty) -> _Node:
         for step in range(num_ops):
             # Mostly extend on the right (reads left to right); sometimes put the new operand first so
             # shapes such as "3+4*5" and "9-(2+3)" also occur. The first step has no distinct left form.
-            on_right = step == 0 or rng.random() < 0.7
+            on_right = step == 0 or rng.random() < 1.0 - diff.left_operand_prob
             options = [(op, on_right) for op in diff.ops]
             rng.shuffle(options)
             for op, right in options:
@@ -424,7 +450,7 @@ def difficulty_dict(difficulty: int | Difficulty) -> dict[str, Any]:
 
 
 def solve(problem: Problem, style: Style) -> str:
-    """Write a correct worked solution of a synthetic ``problem`` in ``style`` "A" or "B" (see module doc)."""
+    """Write a correct worked solution of a synthetic ``problem`` in ``style`` "A", "B" or "A2" (module doc)."""
     expression = problem.meta.get("expression")
     if not isinstance(expression, str):
         raise TypeError("solve() needs a synthetic problem with meta['expression'] (from make_problems)")
@@ -440,12 +466,44 @@ def solve(problem: Problem, style: Style) -> str:
     if style == "B":
         chain = " => ".join([_render(tree)] + [_render(t) for t, _ in steps])
         return f"{chain}\n#### {answer}"
-    raise ValueError(f"style must be 'A' or 'B', got {style!r}")
+    if style == "A2":
+        terms = sum_terms(tree)
+        if terms is None or len(terms) < 3:
+            return solve(problem, "A")
+        if solution_order(problem) == "right":
+            terms = terms[::-1]
+        acc, parts = terms[0], []
+        for x in terms[1:]:
+            parts.append(f"{acc}+{x}={acc + x}")
+            acc += x
+        return ";".join(parts) + f"\nanswer: {answer}"
+    raise ValueError(f"style must be 'A', 'B' or 'A2', got {style!r}")
+
+
+def sum_terms(tree: _Node | str) -> list[int] | None:
+    """The terms of a flat left-to-right sum ("3+4+5" -> [3, 4, 5]; a tree or its expression), else None."""
+    node = _parse(tree) if isinstance(tree, str) else tree
+    out: list[int] = []
+    while isinstance(node, _Op):
+        if node.op != "+" or not isinstance(node.right, _Num):
+            return None
+        out.append(node.right.value)
+        node = node.left
+    out.append(node.value)
+    return out[::-1]
+
+
+def solution_order(problem: Problem) -> Literal["left", "right"]:
+    """The order style A2 adds ``problem``'s terms in: a fixed hash of the prompt and its position in its split
+    (so repeated draws of one computation get independent orders, and a dataset is the same on every run)."""
+    key = f"jopd-a2-order|{problem.prompt}|{problem.meta.get('split')}|{problem.meta.get('index')}"
+    return "right" if hashlib.sha256(key.encode()).digest()[0] % 2 else "left"
 
 
 # Multi-teacher routing (routing.field): the problem fields a prompt can be routed by, and their values.
-ROUTE_FIELDS: dict[str, tuple[str, ...]] = {"level": ("1", "2", "3"), "kind": ("expr", "word"),
-                                            "num_ops": ("1", "2", "3")}
+ROUTE_FIELDS: dict[str, tuple[str, ...]] = {
+    "level": tuple(map(str, DIFFICULTY_LEVELS)), "kind": ("expr", "word"),
+    "num_ops": tuple(map(str, range(1, max(d.max_ops for d in DIFFICULTY_LEVELS.values()) + 1)))}
 
 
 def route_tag(problem: Problem, field: str) -> str:
