@@ -336,19 +336,22 @@ def run_stage(stage: Stage, run: Run) -> dict[str, Any]:
         atomic_write_json(layout.started(stage.name), {"fingerprint": fp, "inputs": inputs,
                                                         "inputs_detail": detail, "time": time.time()})
     barrier(f"{stage.name}-start")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     log.info("stage %s: running", stage.name)
     outputs = stage.run(run) or {}  # a TrainingError (non-finite loss) propagates: a failed run, not bad input
-    seconds = time.time() - t0
+    # CPU seconds of this process (user + system, every thread): on a shared machine the wall time depends on
+    # the load, the CPU time much less, so an idle machine's wall time can be estimated from it.
+    seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     barrier(f"{stage.name}-end")
     if run.is_main:
         run.save_fingerprint_cache()
         manifest = output_manifest(stage, run)
         atomic_write_json(layout.done(stage.name), {"fingerprint": fp, "inputs": inputs, "inputs_detail": detail,
                                                      "outputs": outputs, "manifest": manifest,
-                                                     "seconds": seconds, "time": time.time()})
+                                                     "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                                     "time": time.time()})
     barrier(f"{stage.name}-done")  # nobody reads this stage's DONE marker before it exists
-    log.info("stage %s: done in %.1f s", stage.name, seconds)
+    log.info("stage %s: done in %.1f s (%.1f CPU-s)", stage.name, seconds, cpu_seconds)
     return outputs
 
 

@@ -37,7 +37,9 @@ def test_every_stage_completes(tiny_run: Path):
     from jopd.config import STAGES
 
     for stage in STAGES:
-        assert (tiny_run / stage / "DONE.json").is_file(), stage
+        done = json.loads((tiny_run / stage / "DONE.json").read_text())
+        # Wall and process CPU seconds of every stage (CPU time: user + system over all threads).
+        assert done["seconds"] > 0 and done["cpu_seconds"] > 0, stage
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert set(summary) == set(STAGES)
     assert (tiny_run / "config.yaml").is_file() and (tiny_run / "run.log").is_file()

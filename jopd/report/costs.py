@@ -17,7 +17,7 @@ from jopd.io import read_jsonl
 from jopd.layout import RunLayout
 from jopd.report.gather import ArmInfo, first_number, one_off_cost, stage_done, store_tokens
 
-__all__ = ["cost_section", "epochs_over_rollouts", "stage_costs", "teacher_training_seconds"]
+__all__ = ["cost_section", "epochs_over_rollouts", "stage_costs", "stage_cpu", "teacher_training_seconds"]
 
 
 def _fmt(x: Any, spec: str = ".1f") -> str:
@@ -82,6 +82,17 @@ def stage_costs(cfg: Config, layout: RunLayout, arms: list[ArmInfo]) -> list[dic
     return rows
 
 
+def stage_cpu(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
+    """Wall and CPU seconds (user + system, all threads; DONE.json ``cpu_seconds``) of every completed stage."""
+    rows = []
+    for stage in cfg.stages:
+        done = stage_done(layout, stage)
+        if done is not None:
+            rows.append({"stage": stage, "seconds": first_number(done, ("seconds",)),
+                         "cpu_seconds": first_number(done, ("cpu_seconds",))})
+    return rows
+
+
 def amortised(layout: RunLayout, arms: list[ArmInfo]) -> list[dict[str, Any]]:
     """Per teacher with a lightning and an online arm: the one-off cost, epochs, one-off per epoch, totals."""
     rollout_tokens = store_tokens(stage_done(layout, "rollout"))
@@ -126,4 +137,16 @@ def cost_section(cfg: Config, layout: RunLayout, arms: list[ArmInfo], n_dev: int
                          f"{_fmt(r['epochs'], '.2f')} | {_fmt(r['one_off_per_epoch_s'])} | "
                          f"{_fmt(r['lightning_train_s'])} | {_fmt(r['lightning_total_s'])} | "
                          f"{_fmt(r['online_total_s'])} | {_fmt(r['online_over_lightning'], '.2f')}x |")
-    return lines, {"stages": rows, "amortised": am}
+    cpu = stage_cpu(cfg, layout)
+    if any(r["cpu_seconds"] is not None for r in cpu):
+        wall = sum(r["seconds"] or 0.0 for r in cpu)
+        total_cpu = sum(r["cpu_seconds"] or 0.0 for r in cpu)
+        lines += ["", "Per stage, wall and CPU seconds of the process (user + system over all threads): on a shared "
+                  "machine the wall time depends on the load, the CPU time much less.", "",
+                  "| stage | wall s | CPU s | CPU / wall |", "|---|---|---|---|"]
+        for r in cpu:
+            ratio = r["cpu_seconds"] / r["seconds"] if r["cpu_seconds"] is not None and r["seconds"] else None
+            lines.append(f"| {r['stage']} | {_fmt(r['seconds'])} | {_fmt(r['cpu_seconds'])} | {_fmt(ratio, '.2f')} |")
+        lines.append(f"| all stages | {_fmt(wall)} | {_fmt(total_cpu)} | "
+                     f"{_fmt(total_cpu / wall if wall else None, '.2f')} |")
+    return lines, {"stages": rows, "amortised": am, "stage_cpu": cpu}
