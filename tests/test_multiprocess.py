@@ -115,7 +115,11 @@ def test_a_killed_process_ends_the_job_promptly(runs):
     broken = runs["broken"]
     assert broken["code0"] != 0
     assert broken["ended_after_s"] < 30, broken["ended_after_s"]  # well inside the 10 s heartbeat + slack
-    assert "process 0 of 2 failed" in broken["log0"], broken["log0"][-3000:]
+    # Either path names the failure: process 0's collective fails ("connection closed by peer") and jopd logs it,
+    # or (on a loaded machine, when process 0 reaches no collective within the heartbeat timeout) JAX's
+    # coordination service finds process 1's heartbeats stopped and terminates process 0 saying so.
+    assert ("process 0 of 2 failed" in broken["log0"]
+            or "JAX distributed service detected fatal errors" in broken["log0"]), broken["log0"][-3000:]
 
 
 @pytest.mark.slow
