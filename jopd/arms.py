@@ -68,6 +68,13 @@ def ppo_inputs(run: Run) -> dict[str, Any]:
     return {"ppo": {"ppo_epochs": opd.ppo_epochs, "mini_batches": opd.mini_batches}}
 
 
+def periodic_eval_inputs(run: Run) -> dict[str, Any]:
+    """What an OPD stage's inputs add when the periodic evaluation takes a subset of the eval prompts
+    (``opd.eval_prompts``, out of the OPD section's repr like the fields above), else nothing."""
+    n = run.cfg.opd.eval_prompts
+    return {} if n is None else {"periodic_eval_prompts": n}
+
+
 def refresh_inputs(run: Run, arm_list: list[Any]) -> dict[str, Any]:
     """What the train stage's inputs add for refresh schedules: ``{"refresh": {arm: N}}`` for the arms with
     N > 0, else nothing (out of the sections' reprs too, so existing run directories keep their fingerprints).
@@ -97,11 +104,12 @@ def kl_teacher_name(run: Run) -> str:
 
 
 def periodic_evaluator(run: Run, teachers: Teachers) -> Callable[[Model], dict[str, float]]:
-    """``model -> {accuracy, reverse_kl, ...}`` on the held-out prompts with the eval settings. Multi-teacher
+    """``model -> {accuracy, reverse_kl, ...}`` on the held-out prompts (the first ``opd.eval_prompts`` of them when
+    set) with the eval settings. Multi-teacher
     runs: each route's prompts against the route's teacher (jopd.multi_teacher.evaluate_routes), the overall
     metrics plus ``routes/ROUTE/accuracy``, ``routes/ROUTE/reverse_kl``, ... per route."""
     cfg = run.cfg.eval
-    prompts = read_jsonl(run.layout.prompts("eval"))
+    prompts = read_jsonl(run.layout.prompts("eval"))[: run.cfg.opd.eval_prompts]  # None: all of them
     routed = run.cfg.routing.enabled
     routes = prompt_routes(prompts, run.cfg, str(run.layout.prompts("eval"))) if routed else []
 

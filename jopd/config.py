@@ -545,6 +545,11 @@ class OPDSection(TrainLoop):
         "LoRA students for every arm (an arm's own `lora` replaces it): the SFT student's projections get fresh "
         "adapters and only they are trained; arms/NAME/model is the merged student (a normal HF directory), "
         "arms/NAME/adapter the adapter alone. rank 0 = full fine-tuning.", default_factory=LoraSection, repr=False)
+    # Out of the repr too; the stages record it when set (jopd.arms.periodic_eval_inputs).
+    eval_prompts: int | None = doc(
+        "Held-out prompts of the periodic evaluation inside the arms (every `eval_every` steps, for the curves): "
+        "the first N eval prompts; null = all of them. The eval stage evaluates every final model on all of "
+        "them either way.", None, repr=False)
 
     def ppo_updates(self) -> int:
         """Optimizer updates per rollout batch."""
@@ -581,6 +586,7 @@ class OPDSection(TrainLoop):
                 + _positive(f"{where}.eps_high", self.eps_high, allow_zero=True)
                 + _positive(f"{where}.kl_coef", self.kl_coef, allow_zero=True)
                 + _positive(f"{where}.refresh_every", self.refresh_every, allow_zero=True)
+                + ([] if self.eval_prompts is None else _positive(f"{where}.eval_prompts", self.eval_prompts))
                 + self.lora.problems(f"{where}.lora")
                 + ([] if self.tis_cap is None else _positive(f"{where}.tis_cap", self.tis_cap)))
 

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from jopd import sharding, training
-from jopd.config import ArchSection, OptimSection, PrecisionSection, TrainLoop, load_config
+from jopd.config import (
+    ArchSection,
+    ConfigValidationError,
+    OptimSection,
+    PrecisionSection,
+    TrainLoop,
+    load_config,
+)
 from jopd.data import tokenizer as toklib
 from jopd.data.store import RolloutStore, write_sequences
 from jopd.io import atomic_write_json, read_json
@@ -317,6 +324,22 @@ def test_online_arm_runs_and_times_phases(tmp_path: Path, assets: Path, mesh) ->
     assert all(r["gen_s"] > 0 and r["score_s"] > 0 and r["update_s"] > 0 for r in rows)
     assert out["consistent_teacher"] is True and out["tokens"] > 0
     assert (ctx.layout.arm_ckpt("onl") / "2").is_dir()
+
+
+def test_periodic_evaluation_on_the_first_eval_prompts(tmp_path: Path, assets: Path, mesh) -> None:
+    """opd.eval_prompts: the arms' periodic evaluation takes the first N of the 4 eval prompts; the stage inputs
+    record it only when set (run directories made before it keep their fingerprints)."""
+    onl = [{"name": "onl", "mode": "online", "teacher": "A"}]
+    ctx = make_run(tmp_path / "r", assets, mesh, onl, steps=2, eval_every=2, eval_prompts=3)
+    assert online_mod.inputs(ctx)["periodic_eval_prompts"] == 3
+    assert train_mod.inputs(make_run(tmp_path / "l", assets, mesh, LIGHT, eval_prompts=3))["periodic_eval_prompts"] == 3
+    online_mod.execute(ctx)
+    evals = [r for r in metric_rows(ctx, "arm_onl") if "eval/num_prompts" in r]
+    assert [r["step"] for r in evals] == [0, 2] and all(r["eval/num_prompts"] == 3 for r in evals)
+    plain = make_run(tmp_path / "p", assets, mesh, onl, steps=2)
+    assert "periodic_eval_prompts" not in online_mod.inputs(plain)
+    with pytest.raises(ConfigValidationError, match="opd.eval_prompts: must be > 0, got 0"):
+        _config(tmp_path / "x", onl, eval_prompts=0)
 
 
 def test_online_batches_are_a_function_of_the_step(tmp_path: Path, assets: Path, mesh) -> None:

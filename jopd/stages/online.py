@@ -32,7 +32,8 @@ def inputs(run: Run) -> dict[str, Any]:
                          "max_new_tokens": r.max_new_tokens},
             "teachers": {t: run.fingerprint(run.layout.teacher(t)) for t in _teacher_names(run, online)},
             "sft": run.upstream("sft"), "prepare": run.upstream("prepare"), **arms.objective_inputs(run, online),
-            **arms.ppo_inputs(run), **route_inputs(run, online), **arms.lora_inputs(run, online)}
+            **arms.ppo_inputs(run), **route_inputs(run, online), **arms.lora_inputs(run, online),
+            **arms.periodic_eval_inputs(run)}
 
 
 def _teacher_names(run: Run, arm_list: list[Any]) -> list[str]:

@@ -92,7 +92,7 @@ def inputs(run: Run) -> dict[str, Any]:
     return {"opd": run.cfg.opd, "arms": lightning, "seed": run.cfg.seed, "precision": run.cfg.precision,
             "sft": run.upstream("sft"), "precompute": run.upstream("precompute"),
             **arms.objective_inputs(run, lightning), **arms.ppo_inputs(run), **arms.refresh_inputs(run, lightning),
-            **arms.lora_inputs(run, lightning),
+            **arms.lora_inputs(run, lightning), **arms.periodic_eval_inputs(run),
             **route_inputs(run, lightning)}
 
 
