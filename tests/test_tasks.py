@@ -15,6 +15,7 @@ import pytest
 from jopd.data.arithmetic import (
     DIFFICULTY_LEVELS,
     EVAL_FRACTION,
+    SUM_SOLUTION_KINDS,
     Difficulty,
     Problem,
     is_heldout,
@@ -22,6 +23,7 @@ from jopd.data.arithmetic import (
     solution_order,
     solution_style,
     solve,
+    sum_solution_kind,
     sum_terms,
 )
 from jopd.data.grading import check_answer, extract_answer
@@ -405,3 +407,27 @@ def test_parquet_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match="pip install pyarrow"):
         load_prompt_file(path)
+
+
+def test_sum_solution_kind_tells_the_failure_modes_apart() -> None:
+    terms = [12, 7, 31, 5]
+    kinds = {
+        "12+7=19;19+31=50;50+5=55\nanswer: 55": (True, "correct, left to right"),
+        "5+31=36;36+7=43;43+12=55\nanswer: 55": (True, "correct, right to left"),
+        "12+7=19;19+5=24;24+31=55\nanswer: 55": (True, "correct, orders mixed"),
+        "12+7=19;19+31=50;50+12=62\nanswer: 62": (False, "wrong: a term skipped or repeated"),
+        "12+7=19;19+31=51;51+5=56\nanswer: 56": (False, "wrong: a wrong sum"),
+        "no steps\nanswer: 3": (False, "wrong: a term skipped or repeated"),
+        "12+7=19;19+31=50;50+5=55\nanswer: 54": (False, "wrong: other"),
+    }
+    for text, (correct, kind) in kinds.items():
+        assert check_answer(text, "55") is correct
+        assert sum_solution_kind(terms, text, correct) == kind, text
+    assert set(SUM_SOLUTION_KINDS) == {k for _, k in kinds.values()}
+    # Every solution style A2 writes is correct in its own order.
+    for p in make_problems("eval", 200, seed=3, difficulty=4):
+        order, terms = solution_order(p), sum_terms(p.meta["expression"])
+        if terms == terms[::-1]:  # a palindrome reads the same both ways
+            continue
+        kind = sum_solution_kind(terms, solve(p, "A2"), True)
+        assert kind == f"correct, {'left to right' if order == 'left' else 'right to left'}"

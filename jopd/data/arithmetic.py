@@ -63,9 +63,11 @@ __all__ = [
     "make_problems",
     "ROUTE_FIELDS",
     "route_tag",
+    "SUM_SOLUTION_KINDS",
     "solution_order",
     "solution_style",
     "solve",
+    "sum_solution_kind",
     "sum_terms",
 ]
 
@@ -491,6 +493,33 @@ def sum_terms(tree: _Node | str) -> list[int] | None:
         node = node.left
     out.append(node.value)
     return out[::-1]
+
+
+SUM_STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
+# What `sum_solution_kind` tells apart, in report order.
+SUM_SOLUTION_KINDS = ("correct, left to right", "correct, right to left", "correct, orders mixed",
+                      "wrong: a term skipped or repeated", "wrong: a wrong sum", "wrong: other")
+
+
+def sum_solution_kind(terms: list[int], text: str, correct: bool) -> str:
+    """Which of `SUM_SOLUTION_KINDS` a style-A/A2 ``text`` solving the sum of ``terms`` is (``correct``: its final
+    answer was graded right). The steps ``a+b=c`` of its first line are read: the terms taken are the first
+    step's two and every later step's second; "orders mixed" = answered right, the terms taken in neither
+    order; a wrong sum is reported before a skipped or repeated term (a wrong sum also changes which term looks
+    taken)."""
+    steps = [tuple(map(int, m)) for m in SUM_STEP.findall(text.split("\n")[0])]
+    taken = ([steps[0][0]] + [b for _, b, _ in steps]) if steps else []
+    if correct:
+        if taken == terms:
+            return SUM_SOLUTION_KINDS[0]
+        if taken == terms[::-1]:
+            return SUM_SOLUTION_KINDS[1]
+        return SUM_SOLUTION_KINDS[2]
+    if any(a + b != c for a, b, c in steps):
+        return SUM_SOLUTION_KINDS[4]
+    if sorted(taken) != sorted(terms):
+        return SUM_SOLUTION_KINDS[3]
+    return SUM_SOLUTION_KINDS[5]
 
 
 def solution_order(problem: Problem) -> Literal["left", "right"]:
