@@ -280,9 +280,9 @@ class TrainLoop:
         "Packed batches: token slots per optimizer step, as rows of `row_len` tokens each holding several whole "
         "sequences (segment-aware attention, per-sequence positions; the loss is the same estimator). The number "
         "of sequences per step then varies. null = `batch_size` sequences per step, each padded to the "
-        "store's longest sequence (rounded up to 64).", None)
+        "store's longest sequence (rounded up to 16).", None)
     row_len: int | None = doc("Tokens per packed row (with token_budget); null = the longest sequence rounded up "
-                              "to 64.", None)
+                              "to 16.", None)
     checkpoint_every: int = doc("Save an Orbax checkpoint every N steps (and at the end).", 50)
     keep_checkpoints: int = doc("Checkpoints kept (older ones are deleted).", 2)
     async_checkpointing: bool = doc("Write checkpoints in a background thread.", True)

@@ -11,6 +11,10 @@ For each it prints the padding fraction of the step's token slots and the step's
 (prompt + response tokens, padding excluded) per second, median over ``--steps`` timed steps after one warm-up
 step, and writes the table as JSON. Run it alone on the machine: a neighbour job halves XLA's CPU speed.
 
+It also times the padded loader alone on a store shaped like the demo's rollouts (``--loader-rows`` rows of up to
+96 tokens, batches of ``--loader-batch``): jopd's pipeline (indices through Grain, one read per field per batch)
+against reading rows one at a time through Grain's thread pool (what jopd did before 2026-12-06).
+
     python scripts/bench_data_path.py [--small] [--out bench_data_path.json]
 """
 
@@ -24,11 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 
 from jopd import models, sharding, steps
-from jopd.data.loader import make_loader, make_packed_dataset
+from jopd.data.loader import make_loader, make_packed_dataset, open_source
 from jopd.data.store import RolloutStore
 from jopd.models import ModelConfig
 
@@ -95,6 +100,29 @@ def measure(layout: str, store: Path, args, cfg: ModelConfig, mesh) -> dict[str,
             "step_s_median": med, "real_tokens_per_s": statistics.median(r / t for r, t in zip(reals, times))}
 
 
+def time_batches(batches, n: int) -> float:
+    """Median seconds per `next(batches)` over `n` batches after one warm-up batch."""
+    next(batches)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        next(batches)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_loader(store: Path, batch: int, n: int) -> list[dict[str, float]]:
+    """Seconds per padded batch: jopd's loader vs per-row reads through Grain's thread pool."""
+    jopd_s = time_batches(make_loader(store, global_batch_size=batch, seed=0, seq_len="auto", fields=FIELDS), n)
+    source = open_source(store, FIELDS, seq_len="auto")
+    per_row = (grain.MapDataset.source(source).shuffle(seed=0).repeat(None)
+               .to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(64, 2 * batch)))
+               .batch(batch, drop_remainder=True))
+    per_row_s = time_batches(iter(per_row), n)
+    return [{"loader": "jopd (indices through Grain, one read per field per batch)", "batch_s_median": jopd_s},
+            {"loader": "per-row reads through Grain's thread pool (before)", "batch_s_median": per_row_s}]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="max_len 512, 2 steps (a quick check)")
@@ -102,10 +130,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2, help="rows per step (token budget = rows x max_len)")
     p.add_argument("--store-rows", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="timed steps per layout")
+    p.add_argument("--loader-rows", type=int, default=8192, help="rows of the loader-timing store")
+    p.add_argument("--loader-batch", type=int, default=512, help="rows per batch in the loader timing")
     p.add_argument("--out", default="bench_data_path.json")
     args = p.parse_args()
     if args.small:
-        args.max_len, args.steps = 512, 2
+        args.max_len, args.steps, args.loader_rows, args.loader_batch = 512, 2, 256, 64
     cfg = ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, tie_word_embeddings=True,
                       max_position_embeddings=args.max_len)
@@ -114,6 +144,9 @@ def main() -> None:
         store = Path(tmp) / "store"
         lengths = write_store(store, rows=args.store_rows, max_len=args.max_len, vocab=cfg.vocab_size, seed=0)
         rows = [measure(layout, store, args, cfg, mesh) for layout in ("padded", "packed")]
+        loader_store = Path(tmp) / "loader_store"
+        write_store(loader_store, rows=args.loader_rows, max_len=96, vocab=cfg.vocab_size, seed=1)
+        loader_rows = measure_loader(loader_store, args.loader_batch, 2 * args.steps + 4)
     speedup = rows[1]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]
     print(f"store: {args.store_rows} rollouts, lengths median {int(np.median(lengths))}, mean "
           f"{lengths.mean():.0f}, max {lengths.max()} (log-normal); model {cfg.num_params() / 1e6:.2f}M params, "
@@ -124,7 +157,11 @@ def main() -> None:
         print(f"| {r['layout']} | {r['rows']} x {r['row_len']} | {r['padding_fraction']:.1%} | "
               f"{r['real_tokens_per_step']:.0f} | {r['step_s_median']:.3f} | {r['real_tokens_per_s']:.0f} |")
     print(f"packed / padded real-token throughput: {speedup:.2f}x (target: padding <= 10% of step tokens)")
-    Path(args.out).write_text(json.dumps({"rows": rows, "speedup": speedup, "args": vars(args),
+    print(f"\npadded loader alone: {args.loader_rows} rows of up to 96 tokens, batches of {args.loader_batch}\n"
+          "| loader | s per batch (median) |\n|---|---|")
+    for r in loader_rows:
+        print(f"| {r['loader']} | {r['batch_s_median']:.4f} |")
+    Path(args.out).write_text(json.dumps({"rows": rows, "speedup": speedup, "loader": loader_rows, "args": vars(args),
                                           "lengths": {"median": float(np.median(lengths)),
                                                       "mean": float(lengths.mean()), "max": int(lengths.max())}},
                                          indent=2))

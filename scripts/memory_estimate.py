@@ -278,7 +278,7 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
         micro = loop.micro_batch_size or loop.batch_size
         n_micro = loop.batch_size // micro
         b = _div(micro, batch_div)
-        s = _div(prompt_len + resp_len, 64) * 64  # the loader rounds the longest row up to a multiple of 64
+        s = _div(prompt_len + resp_len, 16) * 16  # the loader rounds the longest row up to a multiple of 16
         m = student
         accum = " × 2 (fp32 accumulator, micro-batching)" if n_micro > 1 else ""
         if lora is None:
