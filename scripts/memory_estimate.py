@@ -56,7 +56,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+from jopd.data.loader import SEQ_LEN_BUCKET  # noqa: E402
 from jopd.models.config import QWEN3_ARCHS  # noqa: E402 - after the sys.path tweak
+from jopd.sharding import round_up  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {f"qwen3-{k}": v for k, v in QWEN3_ARCHS.items()}
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B-Base; the -Thinking-2507 model shares it, bar rope_theta and
@@ -278,7 +280,7 @@ def estimate(cfg: Any, student: Any, teacher: Any, mesh: dict[str, int], *, prom
         micro = loop.micro_batch_size or loop.batch_size
         n_micro = loop.batch_size // micro
         b = _div(micro, batch_div)
-        s = _div(prompt_len + resp_len, 16) * 16  # the loader rounds the longest row up to a multiple of 16
+        s = round_up(prompt_len + resp_len, SEQ_LEN_BUCKET)  # the loader's static length for the longest row
         m = student
         accum = " × 2 (fp32 accumulator, micro-batching)" if n_micro > 1 else ""
         if lora is None:

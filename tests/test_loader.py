@@ -85,7 +85,8 @@ def test_default_fields_and_static_shapes(store_path: str) -> None:
     assert set(batch) == {"tokens", "response_mask", "teacher_logprobs", "behaviour_logprobs",
                           "teacher_topk_ids", "teacher_topk_logprobs"}
     assert batch["tokens"].shape == (4, L) and batch["teacher_topk_ids"].shape == (4, L, K)
-    # "auto": the longest row (50) rounded up to 64 (a multiple of 16), identical for every batch of every epoch, padded or not.
+    # "auto": the longest row (50) rounded up to 64 (a multiple of 16), identical for every batch of every epoch,
+    # padded or not.
     for drop in (True, False):
         shapes = {(b["tokens"].shape, b["teacher_logprobs"].shape, b["response_mask"].shape)
                   for b in take(loader(store_path, seq_len="auto", drop_remainder=drop), 3 * epoch_steps(N, 4))}
